@@ -1,0 +1,206 @@
+"""Public context-parallel attention API: Ulysses, Ring and hybrid (Ulysses inside, Ring across).
+
+The strategy is the choice of groups: ring only (`ulysses_group=None`), Ulysses only (`ring_group=None`),
+or both (hybrid). A `CPContext` holds everything that depends only on the batch layout - the global
+positions and document ids that each rank sees and the resulting block plans - so it is built once per
+batch and shared by every layer.
+
+Usage outside the trainer (flash-attn-like, q/k/v [batch, seq_local, heads, head_dim]):
+
+    out = cp_attn_func(q, k, v, causal=True, ring_group=group)                       # ring
+    out = cp_attn_func(q, k, v, ulysses_group=group)                                 # Ulysses
+    out = cp_attn_func(q, k, v, ring_group=mesh["ring"].get_group(),
+                       ulysses_group=mesh["ulysses"].get_group())                    # hybrid
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from parallel.cp.kernels import default_scale, select_kernel
+from parallel.cp.plan import Block, plan_blocks
+from parallel.cp.ring import RingComm, ring_attention
+from parallel.cp.sharding import check_divisible, shard_index
+from parallel.cp.ulysses import check_heads, head_gather, replicate_kv_heads, seq_gather
+
+Tensor = torch.Tensor
+STRATEGIES = ("ring", "ulysses", "hybrid")
+
+
+@dataclass
+class CPContext:
+    """Per-batch CP state shared by every attention layer."""
+
+    ring: RingComm
+    ulysses_group: dist.ProcessGroup | None
+    ulysses_size: int
+    plans: list[list[list[Block]]]  # [ring step][one shared plan | one per batch row][blocks]
+    order: Tensor | None  # after the Ulysses exchange: sort tokens by global position
+    restore: Tensor | None  # inverse of `order`
+    seq_len: int
+    layout: str
+    causal: bool
+    kernel: str = "auto"
+
+    @property
+    def cp_size(self) -> int:
+        return self.ring.size * self.ulysses_size
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _group_positions(seq_len: int, ring_rank: int, ulysses: int, cp: int, layout: str) -> Tensor:
+    """Global positions a ring rank's Ulysses group holds, in all-to-all (rank) order."""
+    return torch.cat([shard_index(seq_len, cp, ring_rank * ulysses + u, layout) for u in range(ulysses)])
+
+
+@functools.lru_cache(maxsize=64)
+def _static_plans(seq_len: int, ring: int, ulysses: int, ring_rank: int, layout: str, causal: bool):
+    cp = ring * ulysses
+    mine = _group_positions(seq_len, ring_rank, ulysses, cp, layout).sort().values
+    plans = []
+    for step in range(ring):
+        src = (ring_rank - step) % ring
+        theirs = _group_positions(seq_len, src, ulysses, cp, layout).sort().values
+        plans.append([plan_blocks(mine, theirs, causal=causal)])
+    return plans
+
+
+def _all_gather_cat(x: Tensor, group, dim: int) -> list[Tensor]:
+    parts = [torch.empty_like(x) for _ in range(_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return parts
+
+
+def build_context(
+    seq_len: int,
+    *,
+    ring_group: dist.ProcessGroup | None = None,
+    ulysses_group: dist.ProcessGroup | None = None,
+    layout: str = "zigzag",
+    causal: bool = True,
+    doc_ids: Tensor | None = None,
+    kernel: str = "auto",
+    device: torch.device | str | None = None,
+) -> CPContext:
+    """Build the per-batch context. `doc_ids` is this rank's shard [B, seq_local] of per-token document ids
+    (packed sequences); attention never crosses documents. Collective over the CP group when doc_ids is given."""
+    ring, uly = _size(ring_group), _size(ulysses_group)
+    cp = ring * uly
+    check_divisible(seq_len, cp, layout)
+    r_rank = _rank(ring_group)
+    comm = RingComm(ring_group)
+    mine_pos = _group_positions(seq_len, r_rank, uly, cp, layout)
+    order = torch.argsort(mine_pos)
+    identity = bool((order == torch.arange(order.numel())).all())
+    if doc_ids is None:
+        plans = _static_plans(seq_len, ring, uly, r_rank, layout, causal)
+    else:
+        # Document ids of every token each ring rank holds after the Ulysses exchange (tiny int tensors).
+        docs = doc_ids.to(torch.int64)
+        if uly > 1:
+            docs = torch.cat(_all_gather_cat(docs, ulysses_group, 1), dim=1)
+        ring_docs = _all_gather_cat(docs, ring_group, 1) if ring > 1 else [docs]
+        plans = []
+        mine_sorted = mine_pos[order]
+        my_docs = ring_docs[r_rank][:, order.to(docs.device)].cpu()
+        for step in range(ring):
+            src = (r_rank - step) % ring
+            src_pos = _group_positions(seq_len, src, uly, cp, layout)
+            src_order = torch.argsort(src_pos)
+            src_docs = ring_docs[src][:, src_order.to(docs.device)].cpu()
+            rows = [
+                plan_blocks(mine_sorted, src_pos[src_order], my_docs[b], src_docs[b], causal)
+                for b in range(my_docs.shape[0])
+            ]
+            plans.append(rows if any(r != rows[0] for r in rows) else rows[:1])
+    dev = torch.device(device) if device is not None else None
+    return CPContext(
+        ring=comm,
+        ulysses_group=ulysses_group if uly > 1 else None,
+        ulysses_size=uly,
+        plans=plans,
+        order=None if identity else order.to(dev),
+        restore=None if identity else torch.argsort(order).to(dev),
+        seq_len=seq_len,
+        layout=layout,
+        causal=causal,
+        kernel=kernel,
+    )
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, ctx: CPContext, scale: float | None = None) -> Tensor:
+    """CP attention on [B, H, S_local, D] tensors (SDPA layout); returns [B, H, S_local, D]."""
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    kernel = select_kernel(ctx.kernel, q.device, q.dtype, q.shape[-1])
+    group = ctx.ulysses_group
+    if group is not None:
+        check_heads(q.shape[1], k.shape[1], ctx.ulysses_size)
+        k, v = replicate_kv_heads(k, ctx.ulysses_size), replicate_kv_heads(v, ctx.ulysses_size)
+        q, k, v = seq_gather(q, group), seq_gather(k, group), seq_gather(v, group)
+        if ctx.order is not None:
+            order = ctx.order.to(q.device)
+            q, k, v = (x.index_select(2, order) for x in (q, k, v))
+    out = ring_attention(q, k, v, ctx.ring, ctx.plans, kernel, scale)
+    if group is not None:
+        if ctx.restore is not None:
+            out = out.index_select(2, ctx.restore.to(out.device))
+        out = head_gather(out, group)
+    return out
+
+
+def cp_attn_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    ring_group: dist.ProcessGroup | None = None,
+    ulysses_group: dist.ProcessGroup | None = None,
+    layout: str = "zigzag",
+    doc_ids: Tensor | None = None,
+    kernel: str = "auto",
+    context: CPContext | None = None,
+) -> Tensor:
+    """Context-parallel attention on local shards, flash-attn style.
+
+    q: [B, S_local, H, D]; k, v: [B, S_local, Hkv, D] - this rank's shard in `layout` (see sharding.py);
+    the CP rank is ring_rank * ulysses_size + ulysses_rank. Returns this rank's output shard [B, S_local, H, D].
+    Pass a prebuilt `context` to reuse plans across calls (e.g. every layer of a model).
+    """
+    if context is None:
+        seq_len = q.shape[1] * _size(ring_group) * _size(ulysses_group)
+        context = build_context(
+            seq_len,
+            ring_group=ring_group,
+            ulysses_group=ulysses_group,
+            layout=layout,
+            causal=causal,
+            doc_ids=doc_ids,
+            kernel=kernel,
+            device=q.device,
+        )
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), context, softmax_scale)
+    return out.transpose(1, 2)
+
+
+def groups_for_strategy(strategy: str, cp_group=None, ring_group=None, ulysses_group=None):
+    """(ring_group, ulysses_group) for a strategy: ring/ulysses use the whole CP group, hybrid both sub-groups."""
+    if strategy == "ring":
+        return cp_group, None
+    if strategy == "ulysses":
+        return None, cp_group
+    if strategy == "hybrid":
+        return ring_group, ulysses_group
+    raise ValueError(f"unknown CP strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")

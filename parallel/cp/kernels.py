@@ -1,0 +1,286 @@
+"""Local (single-device) attention kernels that return the log-sum-exp, with matching backwards.
+
+Every CP strategy is built from these: a kernel attends one block of queries to one block of keys and
+returns `(out, lse)`; the CP layer merges blocks by log-sum-exp and later calls `backward` with the
+*merged* output and lse, which is what makes per-block gradients exact (the softmax normaliser is global).
+
+Layout: q [B, H, Sq, D], k/v [B, Hkv, Sk, D] with H % Hkv == 0 (GQA/MQA); out [B, H, Sq, D] in q's dtype;
+lse [B, H, Sq] float32. `causal=True` means the top-left aligned lower triangle (Sq == Sk): the caller only
+asks for it on diagonal blocks. A query row that sees no key gets out = 0 and lse = -inf.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _expand_kv(k: Tensor, heads: int) -> Tensor:
+    """Repeat kv heads so each query head has its own copy (GQA on kernels that lack it)."""
+    groups = heads // k.shape[1]
+    return k if groups == 1 else k.repeat_interleave(groups, dim=1)
+
+
+def _reduce_kv_grad(dk: Tensor, kv_heads: int) -> Tensor:
+    """Sum the gradients of the repeated kv heads back onto the original heads."""
+    b, h, s, d = dk.shape
+    return dk if h == kv_heads else dk.view(b, kv_heads, h // kv_heads, s, d).sum(dim=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# math: explicit softmax in the input dtype (float64 is the test reference), works everywhere.
+# ---------------------------------------------------------------------------------------------
+def _math_scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> Tensor:
+    s = torch.matmul(q, _expand_kv(k, q.shape[1]).transpose(-1, -2)) * scale
+    if causal:
+        sq, sk = s.shape[-2:]
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~mask, float("-inf"))
+    return s
+
+
+def math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    s = _math_scores(q, k, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)  # rows with no key: -inf - -inf
+    out = torch.matmul(p, _expand_kv(v, q.shape[1]))
+    return out, lse.to(torch.promote_types(lse.dtype, torch.float32))
+
+
+def math_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    heads, kv_heads = q.shape[1], k.shape[1]
+    ke, ve = _expand_kv(k, heads), _expand_kv(v, heads)
+    s = _math_scores(q, k, causal, scale)
+    p = torch.exp(s - lse.to(s.dtype).unsqueeze(-1)).nan_to_num(0.0)
+    dv = torch.matmul(p.transpose(-1, -2), dout)
+    dp = torch.matmul(dout, ve.transpose(-1, -2))
+    # D = rowsum(dO * O) uses the merged output: the softmax normaliser spans every block.
+    delta = (dout * out).sum(dim=-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = torch.matmul(ds, ke) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q) * scale
+    return dq, _reduce_kv_grad(dk, kv_heads), _reduce_kv_grad(dv, kv_heads)
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu_flash: aten's tiled CPU flash kernel (returns lse natively).
+# ---------------------------------------------------------------------------------------------
+def cpu_flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    h = q.shape[1]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, _expand_kv(k, h), _expand_kv(v, h), 0.0, causal, scale=scale
+    )
+    return out, lse.float()
+
+
+def cpu_flash_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    h, hkv = q.shape[1], k.shape[1]
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.contiguous(),
+        q,
+        _expand_kv(k, h),
+        _expand_kv(v, h),
+        out.contiguous(),
+        lse.contiguous(),
+        0.0,
+        causal,
+        scale=scale,
+    )
+    return dq, _reduce_kv_grad(dk, hkv), _reduce_kv_grad(dv, hkv)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash: aten's CUDA flash-attention-2 op (SDPA's flash backend).
+# ---------------------------------------------------------------------------------------------
+def flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    h = q.shape[1]
+    res = torch.ops.aten._scaled_dot_product_flash_attention(
+        q, _expand_kv(k, h), _expand_kv(v, h), 0.0, causal, False, scale=scale
+    )
+    return res[0], res[1]
+
+
+def flash_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    h, hkv = q.shape[1], k.shape[1]
+    sq, sk = q.shape[2], k.shape[2]
+    empty = torch.empty(0, device=q.device)  # cum_seq / philox state: unused without varlen and dropout
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout,
+        q,
+        _expand_kv(k, h),
+        _expand_kv(v, h),
+        out,
+        lse.contiguous(),
+        empty,
+        empty,
+        sq,
+        sk,
+        0.0,
+        causal,
+        empty,
+        empty,
+        scale=scale,
+    )
+    return dq, _reduce_kv_grad(dk, hkv), _reduce_kv_grad(dv, hkv)
+
+
+# ---------------------------------------------------------------------------------------------
+# cudnn: aten's cuDNN fused attention (fastest on Hopper with torch >= 2.5).
+# ---------------------------------------------------------------------------------------------
+def cudnn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    h = q.shape[1]
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, _expand_kv(k, h), _expand_kv(v, h), None, True, 0.0, causal, False, scale=scale
+    )
+    out, lse = res[0], res[1]
+    return out, lse.view(lse.shape[0], lse.shape[1], lse.shape[2]).float()
+
+
+def cudnn_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    h, hkv = q.shape[1], k.shape[1]
+    sq, sk = q.shape[2], k.shape[2]
+    empty = torch.empty(0, device=q.device)
+    philox = torch.zeros((), dtype=torch.int64, device=q.device)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout,
+        q,
+        _expand_kv(k, h),
+        _expand_kv(v, h),
+        out,
+        lse.unsqueeze(-1).contiguous(),
+        philox,
+        philox,
+        empty,
+        empty,
+        empty,
+        sq,
+        sk,
+        0.0,
+        causal,
+        scale=scale,
+    )
+    return dq, _reduce_kv_grad(dk, hkv), _reduce_kv_grad(dv, hkv)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn: the flash-attn package, when installed (layout [B, S, H, D]; handles GQA itself).
+# ---------------------------------------------------------------------------------------------
+def _flash_attn_module():
+    import flash_attn.flash_attn_interface as fai  # optional extra: pip install longctx[flash]
+
+    return fai
+
+
+def flash_attn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    fai = _flash_attn_module()
+    out, lse, _ = fai.flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, scale, causal, return_attn_probs=True
+    )
+    return out.transpose(1, 2), lse.float()
+
+
+def flash_attn_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    fai = _flash_attn_module()
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    dq, dk, dv = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
+    # The private backward takes the merged out/lse; its argument list is stable across 2.6-2.8.
+    fai._flash_attn_backward(
+        dout.transpose(1, 2).contiguous(),
+        qt,
+        kt,
+        vt,
+        out.transpose(1, 2).contiguous(),
+        lse.contiguous(),
+        dq,
+        dk,
+        dv,
+        0.0,
+        scale,
+        causal,
+        -1,
+        -1,
+        0.0,
+        None,
+        False,
+    )
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and selection
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    forward: Callable[..., tuple[Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    device: str  # "cpu", "cuda" or "any"
+
+
+KERNELS: dict[str, Kernel] = {
+    "math": Kernel("math", math_forward, math_backward, "any"),
+    "cpu_flash": Kernel("cpu_flash", cpu_flash_forward, cpu_flash_backward, "cpu"),
+    "flash": Kernel("flash", flash_forward, flash_backward, "cuda"),
+    "cudnn": Kernel("cudnn", cudnn_forward, cudnn_backward, "cuda"),
+    "flash_attn": Kernel("flash_attn", flash_attn_forward, flash_attn_backward, "cuda"),
+}
+
+
+def flash_attn_available() -> bool:
+    try:
+        _flash_attn_module()
+    except ImportError:
+        return False
+    return True
+
+
+def _cudnn_usable(device: torch.device) -> bool:
+    # cuDNN fused attention needs sm_80+ and a cuDNN >= 9 build; on Hopper it is the fastest kernel.
+    if not torch.backends.cudnn.is_available():
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8 and (torch.backends.cudnn.version() or 0) >= 90000
+
+
+def select_kernel(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Kernel:
+    """Resolve a kernel name ("auto" picks the fastest that supports device, dtype and head_dim)."""
+    if name != "auto":
+        if name not in KERNELS:
+            raise ValueError(f"unknown attention kernel {name!r}; choose from auto, {', '.join(KERNELS)}")
+        kernel = KERNELS[name]
+        if kernel.device not in ("any", device.type):
+            raise ValueError(f"attention kernel {name!r} runs on {kernel.device}, not {device.type}")
+        if name == "flash_attn" and not flash_attn_available():
+            raise ValueError(
+                "attention kernel 'flash_attn' needs the flash-attn package (pip install longctx[flash])"
+            )
+        return kernel
+    if device.type == "cuda":
+        half = dtype in (torch.float16, torch.bfloat16)
+        if half and head_dim <= 128 and head_dim % 8 == 0 and _cudnn_usable(device):
+            return KERNELS["cudnn"]
+        if half and head_dim <= 256 and head_dim % 8 == 0:
+            return KERNELS["flash_attn"] if flash_attn_available() else KERNELS["flash"]
+        return KERNELS["math"]
+    if dtype == torch.float64:
+        return KERNELS["math"]
+    return KERNELS["cpu_flash"]
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
