@@ -63,10 +63,10 @@ def _forward_blocks(
     q, k, v, blocks: list[Block], kernel: Kernel, scale: float, out: Tensor, lse: Tensor
 ) -> None:
     for b in blocks:
-        o, l = kernel.forward(
+        o, lse_b = kernel.forward(
             q[:, :, b.q0 : b.q1], k[:, :, b.k0 : b.k1], v[:, :, b.k0 : b.k1], b.causal, scale
         )
-        merge_block(out[:, :, b.q0 : b.q1], lse[:, :, b.q0 : b.q1], o, l)
+        merge_block(out[:, :, b.q0 : b.q1], lse[:, :, b.q0 : b.q1], o, lse_b)
 
 
 def _backward_blocks(dout, q, k, v, out, lse, blocks, kernel, scale, dq, dk, dv) -> None:
