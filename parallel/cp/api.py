@@ -204,3 +204,28 @@ def groups_for_strategy(strategy: str, cp_group=None, ring_group=None, ulysses_g
     if strategy == "hybrid":
         return ring_group, ulysses_group
     raise ValueError(f"unknown CP strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+
+
+def apply_cp(
+    stage,
+    ring_group: dist.ProcessGroup | None,
+    ulysses_group: dist.ProcessGroup | None,
+    layout: str = "zigzag",
+    kernel: str = "auto",
+    causal: bool = True,
+) -> None:
+    """Attach CP attention to a model stage: each forward builds one `CPContext` for all its layers."""
+    from models.causal_lm import CPSpec
+
+    def make_context(seq_len: int, doc_ids: Tensor | None) -> CPContext:
+        return build_context(
+            seq_len,
+            ring_group=ring_group,
+            ulysses_group=ulysses_group,
+            layout=layout,
+            causal=causal,
+            doc_ids=doc_ids,
+            kernel=kernel,
+        )
+
+    stage.cp = CPSpec(make_context=make_context, seq_shards=_size(ring_group) * _size(ulysses_group))

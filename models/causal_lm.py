@@ -1,0 +1,99 @@
+"""The training view of a Llama-family causal LM: one module per pipeline stage (the whole model at pp=1).
+
+A `CausalLMStage` holds a contiguous slice of a Hugging Face `*ForCausalLM` - the embedding on the first
+stage, decoder layers [first, last), the final norm and LM head on the last stage - under the *same
+parameter names* as the HF model (`model.layers.3.mlp.up_proj.weight`, `lm_head.weight`), so checkpoints
+and the HF export need no key mapping. Its forward is explicit (no S x S mask is ever built) and ends in
+the chunked loss, so FSDP can treat the stage as its root module. Single-device code: parallelism is
+attached from outside (`cp_attention` spec, `ac_layers`, TP/FSDP wrappers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.loss import chunked_cross_entropy_sum
+
+
+@dataclass
+class CPSpec:
+    """How attention is split across ranks; `make_context(seq_len, doc_ids)` builds the per-batch context."""
+
+    make_context: Any  # Callable[[int, Tensor | None], CPContext]
+    seq_shards: int  # the factor by which the local sequence is shorter than the full one
+
+
+class CausalLMStage(nn.Module):
+    def __init__(
+        self, hf_model: nn.Module, first_layer: int = 0, last_layer: int | None = None, loss_chunk: int = 4096
+    ):
+        super().__init__()
+        inner = hf_model.model
+        n_layers = len(inner.layers)
+        last_layer = n_layers if last_layer is None else last_layer
+        self.config = hf_model.config
+        self.is_first = first_layer == 0
+        self.is_last = last_layer == n_layers
+        self.loss_chunk = loss_chunk
+        self.model = nn.Module()  # mirrors HF naming: model.embed_tokens / model.layers.<i> / model.norm
+        self.model.embed_tokens = inner.embed_tokens if self.is_first else None
+        self.model.layers = nn.ModuleDict({str(i): inner.layers[i] for i in range(first_layer, last_layer)})
+        self.model.norm = inner.norm if self.is_last else None
+        self.model.rotary_emb = inner.rotary_emb
+        self.lm_head = hf_model.lm_head if self.is_last else None
+        self.cp: CPSpec | None = None
+        self.ac_layers: set[str] = set()
+        self.loss_scale = 1.0  # set per step by the trainer: (fsdp world size) / (global valid tokens)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: input ids [B, S_local] (first stage) or hidden states; returns hidden states or, on the last
+        stage with labels, the scaled sum of token losses (a scalar)."""
+        h = self.model.embed_tokens(x) if self.is_first else x
+        ctx = None
+        if self.cp is not None:
+            ctx = self.cp.make_context(h.shape[1] * self.cp.seq_shards, doc_ids)
+        elif doc_ids is not None:
+            from parallel.cp.api import build_context  # single device: documents still must not mix
+
+            ctx = build_context(h.shape[1], layout="contiguous", doc_ids=doc_ids)
+        rope = self.model.rotary_emb(h, position_ids)
+        for name, layer in self.model.layers.items():
+            kwargs = dict(
+                attention_mask=None, position_ids=position_ids, position_embeddings=rope, cp_context=ctx
+            )
+            if name in self.ac_layers and torch.is_grad_enabled():
+                out = checkpoint(layer, h, use_reentrant=False, **kwargs)
+            else:
+                out = layer(h, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        if not self.is_last:
+            return h
+        h = self.model.norm(h)
+        if labels is None:
+            return h
+        return chunked_cross_entropy_sum(h, self.lm_head, labels, self.loss_chunk) * self.loss_scale
+
+
+def split_layers(n_layers: int, stages: int) -> list[tuple[int, int]]:
+    """Contiguous layer ranges per pipeline stage, as even as possible (earlier stages get the extra layer:
+    the last stage also runs the LM head and loss)."""
+    if not 1 <= stages <= n_layers:
+        raise ValueError(f"cannot split {n_layers} layers into {stages} pipeline stages")
+    base, extra = divmod(n_layers, stages)
+    bounds, start = [], 0
+    for s in range(stages):
+        end = start + base + (1 if s < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds

@@ -1,0 +1,37 @@
+"""Chunked LM head + cross-entropy: full-vocabulary logits never exist for the whole sequence.
+
+Each chunk of hidden states is projected, upcast to fp32 and reduced to a summed loss inside
+`torch.utils.checkpoint`, so the backward recomputes that chunk's logits instead of keeping them:
+peak extra memory is one chunk x vocab in fp32, whatever the sequence length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(
+        logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def chunked_cross_entropy_sum(
+    hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor, chunk_tokens: int = 4096
+) -> torch.Tensor:
+    """Sum of token cross-entropies over labels != -100. hidden [B, S, D], labels [B, S] (already shifted)."""
+    b, s, _ = hidden.shape
+    step = max(1, chunk_tokens // max(b, 1))
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, s, step):
+        h, y = hidden[:, i : i + step], labels[:, i : i + step]
+        if s <= step:
+            total = total + _chunk_loss(h, lm_head.weight, lm_head.bias, y)
+        else:
+            total = total + checkpoint(_chunk_loss, h, lm_head.weight, lm_head.bias, y, use_reentrant=False)
+    return total

@@ -1,0 +1,61 @@
+"""parallelize_llama: TP -> CP -> activation checkpointing -> compile -> FSDP2, for Llama, Qwen2 and Mistral.
+
+The order matters: TP first turns the projections into DTensors (so the attention sees its local heads);
+CP only needs those local heads; checkpointing and compile wrap the finished layers (compile after TP so
+DTensor ops are traced, before FSDP so FSDP's hooks stay outside the compiled region); FSDP comes last and
+shards whatever the others built, over dp x cp.
+"""
+
+from __future__ import annotations
+
+from torch.distributed.device_mesh import DeviceMesh
+
+from models.causal_lm import CausalLMStage
+from models.registry import DTYPES, register_family
+from parallel.ac import checkpointed_layers
+from parallel.cp.api import apply_cp, groups_for_strategy
+from parallel.dims import ParallelDims, sub_mesh
+from parallel.fsdp import apply_fsdp
+from parallel.tp import apply_tp
+
+
+def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims, cfg) -> CausalLMStage:
+    """Apply every parallelism of `cfg.parallel` to one pipeline stage (in place); returns it."""
+    pcfg = cfg.parallel
+    layers = list(stage.model.layers.values())
+    if dims.tp > 1:
+        apply_tp(layers, sub_mesh(mesh, "tp"))
+    if dims.cp > 1:
+        ring, uly = groups_for_strategy(
+            pcfg.cp_strategy,
+            cp_group=sub_mesh(mesh, "cp").get_group(),
+            ring_group=sub_mesh(mesh, "ring").get_group(),
+            ulysses_group=sub_mesh(mesh, "ulysses").get_group(),
+        )
+        apply_cp(stage, ring, uly, layout=pcfg.cp_layout, kernel=cfg.model.attn_kernel)
+    stage.ac_layers = checkpointed_layers(list(stage.model.layers.keys()), pcfg.activation_checkpointing)
+    if pcfg.compile:
+        for layer in layers:
+            layer.compile()
+    fsdp_mesh = sub_mesh(mesh, "dp_shard_cp")
+    if dims.dp_replicate > 1:
+        fsdp_mesh = _hsdp_mesh(mesh)
+    apply_fsdp(
+        stage,
+        layers,
+        fsdp_mesh,
+        param_dtype=DTYPES[cfg.model.dtype],
+        cpu_offload=pcfg.fsdp_cpu_offload,
+        reshard_after_forward=pcfg.reshard_after_forward,
+    )
+    return stage
+
+
+def _hsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    # HSDP: replicate across dp_replicate, shard across dp_shard x cp.
+    sub_mesh(mesh, "dp_shard_cp")
+    return mesh["dp_replicate", "dp_shard_cp"]
+
+
+for _family in ("llama", "qwen2", "mistral"):
+    register_family(_family, parallelize_llama)

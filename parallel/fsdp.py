@@ -1,0 +1,34 @@
+"""FSDP2 (`fully_shard`) over dp x cp: CP ranks hold the same weights, so they shard them like DP ranks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+
+def apply_fsdp(
+    root: nn.Module,
+    layers: list[nn.Module],
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype = torch.float32,
+    cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
+) -> None:
+    """Shard each decoder layer as its own unit (all-gathered just in time), then the root with the rest.
+
+    `mesh` is 1-D (dp_shard x cp flattened) or 2-D (dp_replicate, dp_shard x cp) for HSDP. Gradients are
+    averaged over the mesh by FSDP; the trainer scales the loss by the mesh size so the result is the sum
+    of per-rank gradients of (token loss sum / global valid tokens) - the exact global-batch mean.
+    """
+    kwargs = dict(
+        mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    )
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+    # The root (embedding, norm, LM head) is needed again right at the start of backward: keep it gathered.
+    fully_shard(root, reshard_after_forward=False, **kwargs)

@@ -1,0 +1,113 @@
+"""Launch scripts: syntax, and the exact command printed by LONGCTX_DRY_RUN=1 with a fake Slurm."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SBATCH = ROOT / "launch" / "slurm.sbatch"
+LOCAL = ROOT / "launch" / "local.sh"
+
+
+@pytest.mark.parametrize("script", [SBATCH, LOCAL], ids=lambda p: p.name)
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def _fake_slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    # `scontrol show hostnames <nodelist>` expands the node list, one host per line
+    scontrol.write_text('#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] && printf "gpu-a17\\ngpu-a18\\n"\n')
+    scontrol.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LONGCTX_", "GPUS_PER_NODE"))}
+    env.update(
+        PATH=f"{bin_dir}:{env['PATH']}",
+        LONGCTX_DRY_RUN="1",
+        LONGCTX_ROOT=str(ROOT),
+        SLURM_JOB_NODELIST="gpu-a[17-18]",
+        SLURM_NNODES="2",
+        SLURM_JOB_ID="4242",
+        GPUS_PER_NODE="4",
+        CONFIG="configs/long.yaml",
+        OVERRIDES="parallel.cp=8 training.steps=10",
+        TORCH_FR_DUMP_TEMP_FILE=str(tmp_path / "fr" / "rank"),
+    )
+    env.update(extra)
+    return env
+
+
+def _dry_run(cmd: list[str], env: dict[str, str]) -> list[str]:
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1, res.stdout
+    return shlex.split(lines[0])
+
+
+def _after(words: list[str], flag: str) -> str:
+    return words[words.index(flag) + 1]
+
+
+def test_sbatch_torchrun_dry_run(tmp_path):
+    words = _dry_run(["bash", str(SBATCH), "data.seq_len=4096"], _fake_slurm_env(tmp_path))
+    assert words[0] == "srun" and _after(words, "--ntasks-per-node") == "1"
+    tr = words[words.index("torchrun") :]
+    assert _after(tr, "--nnodes") == "2"
+    assert _after(tr, "--nproc_per_node") == "4"
+    assert _after(tr, "--rdzv_backend") == "c10d"
+    assert _after(tr, "--rdzv_endpoint") == "gpu-a17:29500"
+    assert _after(tr, "--rdzv_id") == "4242"
+    assert "SIGUSR1" in _after(tr, "--signals-to-handle")
+    assert tr[tr.index("train.py") :] == [
+        "train.py",
+        "--config",
+        "configs/long.yaml",
+        "parallel.cp=8",
+        "training.steps=10",
+        "data.seq_len=4096",
+    ]
+
+
+def test_sbatch_per_gpu_dry_run(tmp_path):
+    env = _fake_slurm_env(tmp_path, LONGCTX_SRUN_MODE="per-gpu", MASTER_PORT="29611")
+    words = _dry_run(["bash", str(SBATCH)], env)
+    assert words[0] == "srun" and _after(words, "--ntasks-per-node") == "4"
+    assert "torchrun" not in words
+    assert "MASTER_ADDR=gpu-a17" in _after(words, "--export") and "MASTER_PORT=29611" in _after(
+        words, "--export"
+    )
+    task = _after(words, "-c")
+    for mapping in ("RANK=$SLURM_PROCID", "LOCAL_RANK=$SLURM_LOCALID", "WORLD_SIZE=$SLURM_NTASKS"):
+        assert mapping in task, task
+    assert words[words.index("train.py") - 1] == "python"
+
+    # the per-task mapping really yields the env:// variables
+    probe = subprocess.run(
+        ["bash", "-c", task, "bash", "-c", "echo $RANK $LOCAL_RANK $WORLD_SIZE"],
+        env={**env, "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"},
+        capture_output=True,
+        text=True,
+    )
+    assert probe.stdout.split() == ["5", "1", "8"]
+
+
+def test_sbatch_bad_mode(tmp_path):
+    env = _fake_slurm_env(tmp_path, LONGCTX_SRUN_MODE="mpi")
+    res = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and "LONGCTX_SRUN_MODE" in res.stderr
+
+
+def test_local_dry_run(tmp_path):
+    env = {**os.environ, "LONGCTX_DRY_RUN": "1"}
+    words = _dry_run(["bash", str(LOCAL), "3", "--config", "configs/demo.yaml", "training.steps=2"], env)
+    assert words[:4] == ["torchrun", "--standalone", "--nproc_per_node", "3"]
+    assert words[-4:] == [str(ROOT / "train.py"), "--config", "configs/demo.yaml", "training.steps=2"]
+    default = _dry_run(["bash", str(LOCAL), "--config", "x.yaml"], env)
+    assert default[default.index("--nproc_per_node") + 1].isdigit()

@@ -1,0 +1,186 @@
+"""Command-line front-end: `train.py --config x.yaml [key=value ...] [--dry-run | --plan | --preprocess]`.
+
+Bad configuration never reaches the user as a traceback: every ConfigError becomes one line
+`config error: <key>: <why>` on stderr and exit code 2, before any process group or allocation exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from parallel.dims import ParallelDims
+from trainer.config import Config, ConfigError, config_fields, config_to_dict, load_config
+
+# The embedded default (DESIGN §1): used when --config is not given and the file exists.
+DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml"
+)
+
+
+@dataclass
+class CliFlags:
+    config: str | None = None
+    """The YAML file actually loaded (None = schema defaults only)."""
+    overrides: list[str] = field(default_factory=list)
+    """`key=value` overrides in command-line order."""
+    dry_run: bool = False
+    plan: bool = False
+    preprocess: bool = False
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line instead of argparse's usage dump, same exit code as a config error.
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def _sections_help() -> str:
+    sections: dict[str, list[str]] = {}
+    for key, *_ in config_fields():
+        head, _, leaf = key.rpartition(".")
+        sections.setdefault(head or "(top level)", []).append(leaf)
+    lines = ["config sections (full reference: docs/configuration.md):"]
+    lines += [f"  {name}: {' '.join(keys)}" for name, keys in sections.items()]
+    lines.append("precedence: key=value overrides > --config YAML > defaults")
+    return "\n".join(lines)
+
+
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog,
+        description="Long-context LLM training with context parallelism.",
+        epilog=_sections_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", metavar="PATH", help=f"YAML config (default: {DEFAULT_CONFIG} if present)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. training.steps=10 parallel.cp=4",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate config, mesh and model shapes for WORLD_SIZE; no GPUs",
+    )
+    parser.add_argument("--plan", action="store_true", help="print the parallelisation plan and exit")
+    parser.add_argument("--preprocess", action="store_true", help="tokenise and cache the dataset, then exit")
+    return parser
+
+
+def parse_cli(argv: list[str]) -> tuple[Config, CliFlags]:
+    """Parse argv (without the program name) into a validated Config and the flags."""
+    args = build_parser().parse_intermixed_args(argv)
+    path = args.config
+    if path is None and os.path.isfile(DEFAULT_CONFIG):
+        path = DEFAULT_CONFIG
+    flags = CliFlags(
+        config=path,
+        overrides=list(args.overrides),
+        dry_run=args.dry_run,
+        plan=args.plan,
+        preprocess=args.preprocess,
+    )
+    return load_config(path, flags.overrides), flags
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(name, f"environment variable must be an integer, got {value!r}") from None
+
+
+def load_hf_config(cfg: Config) -> Any:
+    """The HF PretrainedConfig of `model.path` or of the inline `model.config` (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    if cfg.model.path is not None:
+        try:
+            return AutoConfig.from_pretrained(cfg.model.path)
+        except Exception as exc:  # noqa: BLE001 - HF raises many types; the user needs one line
+            raise ConfigError("model.path", f"cannot load HF config: {' '.join(str(exc).split())}") from None
+    fields = dict(cfg.model.config or {})
+    model_type = fields.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError("model.config", " ".join(str(exc).split())) from None
+
+
+def _summary(cfg: Config, dims: ParallelDims, hf: Any, notes: list[str]) -> str:
+    t, p = cfg.training, cfg.parallel
+    heads, kv = hf.num_attention_heads, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    tokens = t.seq_len * t.micro_batch_size * t.grad_accum * dims.dp
+    lines = [
+        "resolved config:",
+        yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(),
+        "",
+        f"model: {hf.model_type}, {hf.num_hidden_layers} layers, hidden {hf.hidden_size}, "
+        f"heads {heads} (kv {kv}, head_dim {head_dim})",
+        f"mesh: {dims.describe()}",
+        f"context parallel: {'on' if dims.cp_enabled else 'off'} (strategy {p.cp_strategy}, layout "
+        f"{p.cp_layout}); {t.seq_len // dims.cp} tokens per cp rank",
+        f"tokens per optimizer step: {tokens} (seq_len {t.seq_len} x micro_batch {t.micro_batch_size} "
+        f"x grad_accum {t.grad_accum} x dp {dims.dp})",
+        *(f"note: {n}" for n in notes),
+        "",
+        "rank -> mesh coordinates:",
+        dims.rank_table(),
+        "",
+        "dry run OK (no process group created)",
+    ]
+    return "\n".join(lines)
+
+
+def dry_run(cfg: Config, world_size: int, rank: int = 0) -> ParallelDims:
+    """Validate mesh and model shapes for `world_size` ranks and print the plan on rank 0; no process group."""
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    hf = load_hf_config(cfg)
+    notes = dims.validate_model(
+        hf,
+        cfg.training.seq_len,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        strategy=cfg.parallel.cp_strategy,
+        layout=cfg.parallel.cp_layout,
+    )
+    if rank == 0:
+        print(_summary(cfg, dims, hf, notes), flush=True)
+    return dims
+
+
+def cli_main(argv: list[str], run_fn: Callable[[Config, CliFlags], Any]) -> Any:
+    """Parse argv, then dry-run or call `run_fn(cfg, flags)`; a ConfigError exits 2 with one stderr line.
+
+    Errors from parsing and the dry run are identical on every rank, so only rank 0 prints them; errors
+    raised inside `run_fn` may be rank-specific (a path one node can't see), so every rank prints its own.
+    """
+    rank = 0
+    try:
+        rank = _env_int("RANK", 0)
+        cfg, flags = parse_cli(argv)
+        if flags.dry_run:
+            dry_run(cfg, _env_int("WORLD_SIZE", 1), rank)
+            return 0
+    except ConfigError as exc:
+        if rank == 0:
+            sys.stderr.write(f"config error: {exc}\n")
+        raise SystemExit(2) from None
+    try:
+        return run_fn(cfg, flags)
+    except ConfigError as exc:
+        sys.stderr.write(f"config error: {exc}\n")
+        raise SystemExit(2) from None

@@ -1,0 +1,63 @@
+"""Process-group start-up and tear-down (the only place that reads torchrun's environment)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+# Long while ranks load models and tokenise; shortened after the first step so a hung collective
+# surfaces quickly (see docs/launch.md for the flight-recorder variables).
+INIT_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("LONGCTX_INIT_TIMEOUT_MIN", "30")))
+STEP_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("LONGCTX_STEP_TIMEOUT_MIN", "10")))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("training.device: cuda requested but no CUDA device is visible")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join (or, run without torchrun, create) the default process group; returns (rank, world_size)."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python train.py`: a world of one
+            os.environ.update(
+                RANK="0",
+                WORLD_SIZE="1",
+                LOCAL_RANK="0",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(_free_port()),
+            )
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=INIT_TIMEOUT, **kwargs)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shorten_timeout() -> None:
+    """After step 1 every rank is past its slow start; a stuck collective should now fail fast."""
+    try:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(STEP_TIMEOUT, None)
+    except (ImportError, RuntimeError, AttributeError):
+        pass  # not supported by this backend/version: keep the init timeout
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

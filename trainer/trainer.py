@@ -1,0 +1,275 @@
+"""The training loop. Built from small parts: mesh (parallel/dims), model stage (models/), data
+(trainer/data), loss normalisation (trainer/loss), optimizer (trainer/optim), checkpoints, metrics."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from models.causal_lm import CausalLMStage
+from models.registry import DTYPES, build_hf_model, check_supported, family_of, load_hf_config
+from parallel.cp.sharding import shard_batch
+from parallel.dims import ParallelDims, sub_mesh, sub_rank_and_size
+from trainer import distributed
+from trainer.checkpoint import Checkpointer, capture_rng_state, export_hf, restore_rng_state
+from trainer.config import Config, ConfigError, config_to_dict, save_config
+from trainer.data import build_dataloader, load_tokenizer
+from trainer.logging_utils import setup_logging
+from trainer.loss import clip_gradients, count_valid, global_grad_norm
+from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
+from trainer.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("longctx")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int
+    skipped: bool
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (Slurm preemption) set a flag; the loop saves and exits after the current step."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """Collective: stop if any rank got a signal (ranks must leave the loop at the same step)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.device = distributed.pick_device(cfg.training.device)
+        self.rank, self.world = distributed.init_distributed(self.device)
+        setup_logging(self.out, self.rank)
+        # Everything that can reject the run does so before any weights or data are loaded.
+        self.hf_config = load_hf_config(cfg.model.path, cfg.model.config)
+        self.dims = ParallelDims.from_config(cfg.parallel, self.world)
+        for note in self.dims.validate_model(
+            self.hf_config,
+            cfg.training.seq_len,
+            cfg.parallel.sequence_parallel,
+            cfg.parallel.cp_strategy,
+            cfg.parallel.cp_layout,
+        ):
+            log.info("layout note: %s", note)
+        try:
+            check_supported(self.hf_config, cfg.training.seq_len)
+        except ValueError as exc:
+            key, _, why = str(exc).partition(": ")
+            raise ConfigError(key, why) from None
+        self.family = family_of(self.hf_config)
+        if self.dims.pp > 1:
+            raise ConfigError(
+                "parallel.pp", "pipeline parallelism is not available in this build yet; use pp=1"
+            )
+        if cfg.parallel.sequence_parallel:
+            raise ConfigError(
+                "parallel.sequence_parallel", "not available in this build yet; set it to false"
+            )
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            log.info("resolved config:\n%s", (self.out / "config.yaml").read_text())
+            log.info("mesh: %s", self.dims.describe())
+        self.mesh = self.dims.build_mesh(self.device.type)
+        self.dp_rank, self.dp_size = sub_rank_and_size(self.mesh, "dp")
+        self.cp_rank, self.cp_size = sub_rank_and_size(self.mesh, "cp")
+        self.dp_group = sub_mesh(self.mesh, "dp").get_group()
+        self.dp_cp_group = sub_mesh(self.mesh, "dp_cp").get_group()
+        self.fsdp_size = self.dims.dp * self.dims.cp
+        if self.dims.cp > 1:
+            log.info(
+                "context parallelism active: %s cp=%d (ring=%d x ulysses=%d), %s layout, %d tokens/rank",
+                cfg.parallel.cp_strategy,
+                self.dims.cp,
+                self.dims.ring,
+                self.dims.ulysses,
+                cfg.parallel.cp_layout,
+                cfg.training.seq_len // self.dims.cp,
+            )
+
+        layout = {k: getattr(self.dims, k) for k in ("pp", "dp_replicate", "dp_shard", "cp", "ulysses", "tp")}
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.out, layout=layout, model_config=self.hf_config)
+        self.tokenizer = load_tokenizer(cfg)
+        self.model = self._build_model()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.training.steps)
+        self.loader = build_dataloader(cfg, self.tokenizer, self.dp_rank, self.dp_size, rank=self.rank)
+        self.step = 0
+        self.skipped_steps = 0
+        self.stop = StopSignal()
+
+    # ---- construction ---------------------------------------------------------------------------
+    def _build_model(self) -> CausalLMStage:
+        cfg = self.cfg
+        # fp32 master weights; FSDP's mixed-precision policy casts to model.dtype for compute.
+        hf = build_hf_model(cfg.model.path, cfg.model.config, dtype=torch.float32, seed=cfg.training.seed)
+        if self.device.type == "cuda":
+            hf = hf.to(self.device)
+        stage = CausalLMStage(hf, loss_chunk=cfg.training.loss_chunk)
+        self.family.parallelize(stage, self.mesh, self.dims, cfg)
+        stage.train()
+        return stage
+
+    # ---- one optimizer step ---------------------------------------------------------------------
+    def _micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], float]:
+        t0 = time.perf_counter()
+        batches = [next(self.loader) for _ in range(self.cfg.training.grad_accum)]
+        return batches, time.perf_counter() - t0
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        cfg = self.cfg
+        global_valid = count_valid(batches, self.dp_group)
+        self.model.loss_scale = self.fsdp_size / max(global_valid, 1)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in batches:
+            local = shard_batch(batch, self.cp_size, self.cp_rank, cfg.parallel.cp_layout)
+            local = {k: v.to(self.device, non_blocking=True) for k, v in local.items()}
+            loss = self.model(
+                local["input_ids"],
+                local["position_ids"],
+                doc_ids=local["doc_ids"] if cfg.data.doc_mask else None,
+                labels=local["labels"],
+            )
+            loss.backward()
+            loss_sum += loss.detach().double()
+        # Each rank holds local_sum * fsdp_size / global_valid: the sum over dp x cp ranks / fsdp_size is the mean.
+        dist.all_reduce(loss_sum, group=self.dp_cp_group)
+        loss_value = (loss_sum / self.fsdp_size).item()
+        grad_norm = global_grad_norm(self.params)
+        finite = torch.tensor(
+            [
+                float(torch.isfinite(grad_norm))
+                * float(loss_value == loss_value and abs(loss_value) != float("inf"))
+            ]
+        )
+        everyone = [torch.zeros(1) for _ in range(self.world)]
+        dist.all_gather(everyone, finite)
+        bad_ranks = [r for r, f in enumerate(everyone) if f.item() == 0]
+        skipped = False
+        if bad_ranks:
+            if self.skipped_steps >= cfg.training.skip_nonfinite:
+                raise NonFiniteError(
+                    f"non-finite loss or grad norm at step {self.step + 1} on rank(s) {bad_ranks} "
+                    f"(loss {loss_value}, grad_norm {grad_norm.item()}); "
+                    f"training.skip_nonfinite={cfg.training.skip_nonfinite} skips exhausted"
+                )
+            self.skipped_steps += 1
+            skipped = True
+            log.warning("skipping step %d: non-finite loss/grad norm on rank(s) %s", self.step + 1, bad_ranks)
+        else:
+            clip_gradients(self.params, cfg.training.max_grad_norm, grad_norm)
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = cfg.training.seq_len * cfg.training.micro_batch_size * cfg.training.grad_accum * self.dp_size
+        return StepResult(loss_value, grad_norm.item(), tokens, skipped)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        return {
+            "data": self.loader.state_dict(),
+            "rng": capture_rng_state(),
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def save(self) -> None:
+        self.checkpointer.save(self.step, [self.model], self.optimizer, self.scheduler, self._extra_state())
+
+    def resume(self) -> None:
+        found = self.checkpointer.maybe_resume([self.model], self.optimizer, self.scheduler)
+        if found is None:
+            return
+        self.step, extra = found
+        self.loader.load_state_dict(extra["data"])
+        same_world = (self.checkpointer.saved_layout or {}).get("world_size", self.world) == self.world
+        if same_world and "rng" in extra:
+            restore_rng_state(extra["rng"])
+        self.skipped_steps = extra.get("skipped_steps", 0)
+        log.info("resumed from step %d", self.step)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg = self.cfg
+        self.resume()
+        metrics = MetricsLogger(
+            cfg,
+            self.out,
+            self.rank,
+            self.world,
+            config_to_dict(cfg),
+            flops_per_token=flops_per_token(self.hf_config, cfg.training.seq_len),
+            peak_flops=device_peak_flops(self.device, DTYPES[cfg.model.dtype]),
+            start_step=self.step,
+        )
+        last = {}
+        try:
+            while self.step < cfg.training.steps:
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                t0 = time.perf_counter()
+                batches, data_time = self._micro_batches()
+                result = self.train_step(batches)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.step += 1
+                if self.step == 1:
+                    distributed.shorten_timeout()
+                last = {
+                    "loss": result.loss,
+                    "grad_norm": result.grad_norm,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "tokens": result.tokens,
+                    "step_time_s": time.perf_counter() - t0,
+                    "data_time_s": data_time,
+                    "peak_mem_gib": (
+                        torch.cuda.max_memory_allocated(self.device) / 2**30
+                        if self.device.type == "cuda"
+                        else None
+                    ),
+                    "skipped": result.skipped,
+                }
+                metrics.log(self.step, last)
+                interval = cfg.checkpoint.interval
+                if interval and self.step % interval == 0 and self.step < cfg.training.steps:
+                    self.save()
+                if self.stop.agreed(self.device):
+                    log.info("signal %s received: saving step %d and exiting", self.stop.received, self.step)
+                    self.save()
+                    self.checkpointer.wait()
+                    return last
+            self.save()
+            self.checkpointer.wait()
+            if cfg.checkpoint.export_hf:
+                export_hf(
+                    [self.model], self.hf_config, self.tokenizer, self.out / "hf", cfg.checkpoint.export_dtype
+                )
+            metrics.summary({"final_step": self.step, "final_loss": last.get("loss")})
+        finally:
+            metrics.close()
+        return last
