@@ -15,7 +15,10 @@ fi
 
 # Same flight-recorder / error-handling defaults as the Slurm script (docs/launch.md).
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}"
-export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}"
+# Newer torch reads TORCH_FR_BUFFER_SIZE (and warns that the NCCL name is deprecated); set that instead
+if [[ -z "${TORCH_FR_BUFFER_SIZE:-}" ]]; then
+    export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}"
+fi
 export TORCH_NCCL_DUMP_ON_TIMEOUT="${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 

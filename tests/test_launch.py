@@ -23,8 +23,12 @@ def _fake_slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     scontrol = bin_dir / "scontrol"
-    # `scontrol show hostnames <nodelist>` expands the node list, one host per line
-    scontrol.write_text('#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] && printf "gpu-a17\\ngpu-a18\\n"\n')
+    # `scontrol show hostnames <nodelist>` expands the node list, one host per line. The long tail makes
+    # `| head -n1` close the pipe early: scontrol dying of SIGPIPE must not abort the script (pipefail).
+    scontrol.write_text(
+        '#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] || exit 1\n'
+        'printf "gpu-a17\\ngpu-a18\\n"; seq -f "gpu-z%g" 1 50000\n'
+    )
     scontrol.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LONGCTX_", "GPUS_PER_NODE"))}
     env.update(

@@ -210,6 +210,10 @@ class Checkpointer:
         self._async_pg = None
         check_writable(self.root)
 
+    def due(self, step: int, total_steps: int) -> bool:
+        """Whether `step` should be saved: every `interval` steps, and always the last one."""
+        return step == total_steps or (self.cfg.interval > 0 and step % self.cfg.interval == 0)
+
     # ---- discovery -------------------------------------------------------------------------------
     def list_checkpoints(self) -> tuple[list[tuple[int, Path]], list[Path]]:
         """(complete checkpoints sorted by step, directories without a completion marker)."""

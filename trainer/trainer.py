@@ -122,6 +122,7 @@ class Trainer:
         self.loader = build_dataloader(cfg, self.tokenizer, self.dp_rank, self.dp_size, rank=self.rank)
         self.step = 0
         self.skipped_steps = 0
+        self.history: list[dict] = []  # per-step metrics of this process (tests and notebooks read it)
         self.stop = StopSignal()
 
     # ---- construction ---------------------------------------------------------------------------
@@ -254,6 +255,7 @@ class Trainer:
                     ),
                     "skipped": result.skipped,
                 }
+                self.history.append({"step": self.step, **last})
                 metrics.log(self.step, last)
                 interval = cfg.checkpoint.interval
                 if interval and self.step % interval == 0 and self.step < cfg.training.steps:
