@@ -102,11 +102,12 @@ def cpu_flash_backward(
 # flash: aten's CUDA flash-attention-2 op (SDPA's flash backend).
 # ---------------------------------------------------------------------------------------------
 def flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    h = q.shape[1]
+    h, sq = q.shape[1], q.shape[2]
     res = torch.ops.aten._scaled_dot_product_flash_attention(
         q, _expand_kv(k, h), _expand_kv(v, h), 0.0, causal, False, scale=scale
     )
-    return res[0], res[1]
+    # Some builds pad lse to a multiple of the tile; the CP merge needs exactly [B, H, Sq].
+    return res[0], res[1][..., :sq].float()
 
 
 def flash_backward(
@@ -114,22 +115,24 @@ def flash_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     h, hkv = q.shape[1], k.shape[1]
     sq, sk = q.shape[2], k.shape[2]
-    empty = torch.empty(0, device=q.device)  # cum_seq / philox state: unused without varlen and dropout
+    # cum_seq must be *undefined* (None), not empty: a defined tensor selects the varlen kernel.
+    # The philox state is only read with dropout > 0.
+    philox = torch.empty((), dtype=torch.int64, device=q.device)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         dout,
         q,
         _expand_kv(k, h),
         _expand_kv(v, h),
         out,
-        lse.contiguous(),
-        empty,
-        empty,
+        lse.float().contiguous(),
+        None,
+        None,
         sq,
         sk,
         0.0,
         causal,
-        empty,
-        empty,
+        philox,
+        philox,
         scale=scale,
     )
     return dq, _reduce_kv_grad(dk, hkv), _reduce_kv_grad(dv, hkv)
@@ -139,12 +142,12 @@ def flash_backward(
 # cudnn: aten's cuDNN fused attention (fastest on Hopper with torch >= 2.5).
 # ---------------------------------------------------------------------------------------------
 def cudnn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    h = q.shape[1]
+    b, h, sq = q.shape[:3]
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q, _expand_kv(k, h), _expand_kv(v, h), None, True, 0.0, causal, False, scale=scale
     )
-    out, lse = res[0], res[1]
-    return out, lse.view(lse.shape[0], lse.shape[1], lse.shape[2]).float()
+    # cuDNN returns lse as [B, H, Sq, 1] (strided like the output on some versions): reshape, not view.
+    return res[0], res[1].reshape(b, h, sq).float()
 
 
 def cudnn_backward(
@@ -152,20 +155,21 @@ def cudnn_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     h, hkv = q.shape[1], k.shape[1]
     sq, sk = q.shape[2], k.shape[2]
-    empty = torch.empty(0, device=q.device)
-    philox = torch.zeros((), dtype=torch.int64, device=q.device)
+    philox = torch.zeros((), dtype=torch.int64, device=q.device)  # read only with dropout > 0
+    # attn_bias and cum_seq must be undefined (None): a defined empty tensor is taken as a bias / varlen.
+    # cuDNN wants dO laid out like O; both are made contiguous [B, H, S, D] here.
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        dout,
+        dout.contiguous(),
         q,
         _expand_kv(k, h),
         _expand_kv(v, h),
-        out,
-        lse.unsqueeze(-1).contiguous(),
+        out.contiguous(),
+        lse.float().unsqueeze(-1).contiguous(),
         philox,
         philox,
-        empty,
-        empty,
-        empty,
+        None,
+        None,
+        None,
         sq,
         sk,
         0.0,
