@@ -47,6 +47,7 @@ class CausalLMStage(nn.Module):
         self.model.rotary_emb = inner.rotary_emb
         self.lm_head = hf_model.lm_head if self.is_last else None
         self.cp: CPSpec | None = None
+        self.doc_mask = True  # False: doc_ids (if passed) are ignored and attention is plain causal
         self.ac_layers: set[str] = set()
         self.loss_scale = 1.0  # set per step by the trainer: (fsdp world size) / (global valid tokens)
 
@@ -56,17 +57,19 @@ class CausalLMStage(nn.Module):
         position_ids: torch.Tensor,
         doc_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x: input ids [B, S_local] (first stage) or hidden states; returns hidden states or, on the last
-        stage with labels, the scaled sum of token losses (a scalar)."""
+    ):
+        """x: input ids [B, S_local] (first stage) or hidden states. Returns, on the last stage, the scaled
+        sum of token losses (shape [1]) when labels are given, else the final hidden states; on other
+        (pipeline) stages the tuple (hidden, position_ids, doc_ids, labels) that the next stage takes."""
         h = self.model.embed_tokens(x) if self.is_first else x
+        docs = doc_ids if self.doc_mask else None
         ctx = None
         if self.cp is not None:
-            ctx = self.cp.make_context(h.shape[1] * self.cp.seq_shards, doc_ids)
-        elif doc_ids is not None:
+            ctx = self.cp.make_context(h.shape[1] * self.cp.seq_shards, docs)
+        elif docs is not None:
             from parallel.cp.api import build_context  # single device: documents still must not mix
 
-            ctx = build_context(h.shape[1], layout="contiguous", doc_ids=doc_ids)
+            ctx = build_context(h.shape[1], layout="contiguous", doc_ids=docs)
         rope = self.model.rotary_emb(h, position_ids)
         for name, layer in self.model.layers.items():
             kwargs = dict(
@@ -78,11 +81,14 @@ class CausalLMStage(nn.Module):
                 out = layer(h, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
         if not self.is_last:
-            return h
+            return h, position_ids, doc_ids, labels
         h = self.model.norm(h)
         if labels is None:
             return h
-        return chunked_cross_entropy_sum(h, self.lm_head, labels, self.loss_chunk) * self.loss_scale
+        # Shape [1], not a scalar: the pipeline schedule concatenates stage outputs across micro-batches.
+        return (
+            chunked_cross_entropy_sum(h, self.lm_head, labels, self.loss_chunk) * self.loss_scale
+        ).reshape(1)
 
 
 def split_layers(n_layers: int, stages: int) -> list[tuple[int, int]]:

@@ -23,15 +23,42 @@ CORPUS = os.path.join(ROOT, "configs/demo/corpus.jsonl")
 STEPS = 3
 
 MODELS = {
-    "llama": dict(model_type="llama", vocab_size=695, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=False),
-    "qwen2": dict(model_type="qwen2", vocab_size=695, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
-                  tie_word_embeddings=True, use_sliding_window=False),
-    "mistral": dict(model_type="mistral", vocab_size=695, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256,
-                    tie_word_embeddings=False, sliding_window=None),
+    "llama": dict(
+        model_type="llama",
+        vocab_size=695,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        vocab_size=695,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+    ),
+    "mistral": dict(
+        model_type="mistral",
+        vocab_size=695,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        sliding_window=None,
+    ),
 }
 
 # (name, model, world, overrides)
@@ -40,27 +67,83 @@ LAYOUTS_4 = [
     ("cp4-ring-contiguous", "llama", ["parallel.cp=4", "parallel.cp_layout=contiguous"]),
     ("cp4-ulysses", "llama", ["parallel.cp=4", "parallel.cp_strategy=ulysses"]),
     ("cp4-hybrid-2x2", "llama", ["parallel.cp=4", "parallel.cp_strategy=hybrid", "parallel.ulysses=2"]),
-    ("cp4-hybrid-contiguous", "llama", ["parallel.cp=4", "parallel.cp_strategy=hybrid", "parallel.ulysses=2",
-                                        "parallel.cp_layout=contiguous"]),
+    (
+        "cp4-hybrid-contiguous",
+        "llama",
+        [
+            "parallel.cp=4",
+            "parallel.cp_strategy=hybrid",
+            "parallel.ulysses=2",
+            "parallel.cp_layout=contiguous",
+        ],
+    ),
     ("dp2-cp2", "llama", ["parallel.dp=2", "parallel.cp=2"]),
     ("tp2-cp2", "llama", ["parallel.tp=2", "parallel.cp=2"]),
-    ("tp2-cp2-ulysses-accum2", "llama", ["parallel.tp=2", "parallel.cp=2", "parallel.cp_strategy=ulysses",
-                                         "training.grad_accum=2", "parallel.activation_checkpointing=full"]),
+    (
+        "tp2-cp2-ulysses-accum2",
+        "llama",
+        [
+            "parallel.tp=2",
+            "parallel.cp=2",
+            "parallel.cp_strategy=ulysses",
+            "training.grad_accum=2",
+            "parallel.activation_checkpointing=full",
+        ],
+    ),
     ("qwen2-dp2-cp2-ulysses", "qwen2", ["parallel.dp=2", "parallel.cp=2", "parallel.cp_strategy=ulysses"]),
-    ("mistral-cp4-hybrid", "mistral", ["parallel.cp=4", "parallel.cp_strategy=hybrid", "parallel.ulysses=2",
-                                       "parallel.activation_checkpointing=selective"]),
+    ("pp2-cp2", "llama", ["parallel.pp=2", "parallel.cp=2", "training.grad_accum=2"]),
+    (
+        "pp2-cp2-gpipe-ulysses",
+        "llama",
+        [
+            "parallel.pp=2",
+            "parallel.cp=2",
+            "parallel.cp_strategy=ulysses",
+            "parallel.pp_schedule=GPipe",
+            "training.micro_batch_size=1",
+            "training.grad_accum=4",
+        ],
+    ),
+    (
+        "mistral-cp4-hybrid",
+        "mistral",
+        [
+            "parallel.cp=4",
+            "parallel.cp_strategy=hybrid",
+            "parallel.ulysses=2",
+            "parallel.activation_checkpointing=selective",
+        ],
+    ),
 ]
 LAYOUTS_8 = [
     ("dp2-tp2-cp2", "llama", ["parallel.dp=2", "parallel.tp=2", "parallel.cp=2"]),
+    ("pp2-dp2-cp2", "llama", ["parallel.pp=2", "parallel.dp=2", "parallel.cp=2"]),
+    (
+        "pp2-tp2-cp2-hybrid",
+        "llama",
+        ["parallel.pp=2", "parallel.tp=2", "parallel.cp=2", "training.grad_accum=2"],
+    ),
 ]
 
 
 def _overrides(model_dir, out_dir, cache_dir, extra):
     return [
-        f"model.path={model_dir}", f"model.tokenizer={TOKENIZER}", f"data.path={CORPUS}", f"data.cache_dir={cache_dir}",
-        "data.doc_mask=false", "training.seq_len=64", "training.micro_batch_size=2", f"training.steps={STEPS}",
-        "training.device=cpu", "training.max_grad_norm=1.0", "optim.lr=1e-3", "optim.warmup_steps=1",
-        "checkpoint.export_hf=false", "checkpoint.resume=none", "logging.progress=false", f"output_dir={out_dir}",
+        f"model.path={model_dir}",
+        f"model.tokenizer={TOKENIZER}",
+        f"data.path={CORPUS}",
+        f"data.cache_dir={cache_dir}",
+        "data.doc_mask=false",
+        "training.seq_len=64",
+        "training.micro_batch_size=2",
+        f"training.steps={STEPS}",
+        "training.device=cpu",
+        "training.max_grad_norm=1.0",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=1",
+        "checkpoint.export_hf=false",
+        "checkpoint.resume=none",
+        "logging.progress=false",
+        f"output_dir={out_dir}",
         *extra,
     ]
 
@@ -91,8 +174,9 @@ def _hf_loss(model, batches):
     total, count = 0.0, 0
     for b in batches:
         logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
-        total = total + F.cross_entropy(logits.flatten(0, 1).double(), b["labels"].flatten(), ignore_index=-100,
-                                        reduction="sum")
+        total = total + F.cross_entropy(
+            logits.flatten(0, 1).double(), b["labels"].flatten(), ignore_index=-100, reduction="sum"
+        )
         count += int((b["labels"] != -100).sum())
     return total / count
 
@@ -107,13 +191,16 @@ def _reference(model_dir, cfg, dp_size):
     m64 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager")
     loss = _hf_loss(m64, batches[0])
     loss.backward()
-    gnorm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in m64.parameters() if p.grad is not None))
+    gnorm = math.sqrt(
+        sum(float(p.grad.double().pow(2).sum()) for p in m64.parameters() if p.grad is not None)
+    )
     first = (loss.item(), gnorm)
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, o, cfg.training.steps))
     losses = []
     for step in range(STEPS):
@@ -135,7 +222,11 @@ def _check(results, layouts, model_dirs, tmp):
     for name, model, extra in layouts:
         cfg = load_config(None, _overrides(model_dirs[model], f"{tmp}/ref", f"{tmp}/cache", extra))
         world = 8 if (name, model, extra) in LAYOUTS_8 else 4
-        dp = world // (cfg.parallel.cp * cfg.parallel.tp * cfg.parallel.pp) if cfg.parallel.dp == -1 else cfg.parallel.dp
+        dp = (
+            world // (cfg.parallel.cp * cfg.parallel.tp * cfg.parallel.pp)
+            if cfg.parallel.dp == -1
+            else cfg.parallel.dp
+        )
         key = (model, dp, cfg.training.grad_accum)
         if key not in refs:
             refs[key] = _reference(model_dirs[model], cfg, dp)
@@ -145,8 +236,10 @@ def _check(results, layouts, model_dirs, tmp):
         rel_gn = abs(got[0][1] - gnorm1) / gnorm1
         rel_steps = max(abs(g[0] - r) / r for g, r in zip(got, losses))
         if not (rel_loss <= 1e-5 and rel_gn <= 1e-5 and rel_steps <= 1e-5 and len(got) == STEPS):
-            failures.append(f"{name}: loss {got[0][0]:.8f} vs {loss1:.8f} ({rel_loss:.1e}), grad_norm {got[0][1]:.8f} "
-                            f"vs {gnorm1:.8f} ({rel_gn:.1e}), 3-step max rel {rel_steps:.1e}")
+            failures.append(
+                f"{name}: loss {got[0][0]:.8f} vs {loss1:.8f} ({rel_loss:.1e}), grad_norm {got[0][1]:.8f} "
+                f"vs {gnorm1:.8f} ({rel_gn:.1e}), 3-step max rel {rel_steps:.1e}"
+            )
     assert not failures, "\n".join(failures)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from parallel.dims import ParallelDims
+from parallel.planner import plan_main, resolve_auto, wants_auto
 from trainer.config import Config, ConfigError, config_fields, config_to_dict, load_config
 
 # The embedded default (DESIGN §1): used when --config is not given and the file exists.
@@ -74,7 +75,17 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         action="store_true",
         help="validate config, mesh and model shapes for WORLD_SIZE; no GPUs",
     )
-    parser.add_argument("--plan", action="store_true", help="print the parallelisation plan and exit")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="rank every dp x tp x pp x cp layout for WORLD_SIZE GPUs by predicted memory and speed; no GPUs",
+    )
+    parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        metavar="N",
+        help="shorthand for parallel.gpus_per_node=N (the planner's node size)",
+    )
     parser.add_argument("--preprocess", action="store_true", help="tokenise and cache the dataset, then exit")
     return parser
 
@@ -85,9 +96,12 @@ def parse_cli(argv: list[str]) -> tuple[Config, CliFlags]:
     path = args.config
     if path is None and os.path.isfile(DEFAULT_CONFIG):
         path = DEFAULT_CONFIG
+    overrides = list(args.overrides)
+    if args.gpus_per_node is not None:
+        overrides.append(f"parallel.gpus_per_node={args.gpus_per_node}")
     flags = CliFlags(
         config=path,
-        overrides=list(args.overrides),
+        overrides=overrides,
         dry_run=args.dry_run,
         plan=args.plan,
         preprocess=args.preprocess,
@@ -148,6 +162,8 @@ def _summary(cfg: Config, dims: ParallelDims, hf: Any, notes: list[str]) -> str:
 
 def dry_run(cfg: Config, world_size: int, rank: int = 0) -> ParallelDims:
     """Validate mesh and model shapes for `world_size` ranks and print the plan on rank 0; no process group."""
+    if wants_auto(cfg):
+        cfg = resolve_auto(cfg, world_size, load_hf_config(cfg))
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     hf = load_hf_config(cfg)
     notes = dims.validate_model(
@@ -174,6 +190,10 @@ def cli_main(argv: list[str], run_fn: Callable[[Config, CliFlags], Any]) -> Any:
         cfg, flags = parse_cli(argv)
         if flags.dry_run:
             dry_run(cfg, _env_int("WORLD_SIZE", 1), rank)
+            return 0
+        if flags.plan:
+            if rank == 0:
+                plan_main(cfg, _env_int("WORLD_SIZE", 1), load_hf_config(cfg))
             return 0
     except ConfigError as exc:
         if rank == 0:

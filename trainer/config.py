@@ -90,7 +90,9 @@ class ParallelConfig:
     cp: int = 1
     """Context-parallel degree: the sequence is split over this many ranks."""
     cp_strategy: str = "ring"
-    """ring | ulysses | hybrid (ulysses inside, ring across)."""
+    """ring | ulysses | hybrid (ulysses inside, ring across) | auto (the planner picks strategy, ulysses degree and layout for the given cp)."""
+    auto: bool = False
+    """Use the planner's best layout for the whole mesh (dp, tp, pp, cp, CP strategy, layout); see `train.py --plan`."""
     ulysses: int = 1
     """Ulysses degree inside hybrid (cp = ulysses * ring)."""
     cp_layout: str = "zigzag"
@@ -98,7 +100,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """TP: shard norms/residual activations over the sequence too."""
     pp_schedule: str = "1F1B"
-    """Pipeline schedule: 1F1B | GPipe | Interleaved1F1B."""
+    """Pipeline schedule: 1F1B | GPipe."""
     pp_microbatches: int | None = None
     """Microbatches per pipeline step; default = pp."""
     activation_checkpointing: str = "none"
@@ -111,6 +113,12 @@ class ParallelConfig:
     """FSDP2 CPU offload of parameters, gradients and optimizer state."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)."""
+    gpus_per_node: int = 8
+    """Planner: GPUs per node; groups within a node (innermost first: tp, ulysses, ring, dp, pp) get NVLink rates."""
+    device_memory_gib: float | None = None
+    """Planner: GPU memory a layout must fit in (GiB); None = the calibration's (80 for H100)."""
+    plan_calibration: str | None = None
+    """Planner: device-rate JSON (`python -m parallel.planner.calibrate --out f.json`); None = built-in H100 rates."""
 
 
 @dataclass
@@ -367,9 +375,9 @@ _CHOICES = {
     "model.attn_kernel": ("auto", "cudnn", "flash", "flash_attn", "flex", "cpu_flash", "math"),
     "data.format": ("auto", "text", "chat", "tokens"),
     "data.on_bad_row": ("error", "skip"),
-    "parallel.cp_strategy": ("ring", "ulysses", "hybrid"),
+    "parallel.cp_strategy": ("ring", "ulysses", "hybrid", "auto"),
     "parallel.cp_layout": ("zigzag", "contiguous"),
-    "parallel.pp_schedule": ("1F1B", "GPipe", "Interleaved1F1B"),
+    "parallel.pp_schedule": ("1F1B", "GPipe"),
     "parallel.activation_checkpointing": ("none", "full", "selective"),
     "training.device": ("auto", "cpu", "cuda"),
     "optim.scheduler": ("constant", "linear", "cosine"),
@@ -377,7 +385,7 @@ _CHOICES = {
 }
 _POSITIVE = (
     "data.num_proc data.max_doc_tokens parallel.dp_replicate parallel.tp parallel.pp parallel.cp "
-    "parallel.ulysses parallel.pp_microbatches training.seq_len training.micro_batch_size "
+    "parallel.ulysses parallel.pp_microbatches parallel.gpus_per_node training.seq_len training.micro_batch_size "
     "training.grad_accum training.steps training.loss_chunk logging.every"
 ).split()
 _NON_NEGATIVE = (
@@ -430,10 +438,14 @@ def validate(cfg: Config) -> None:
                 f"cp_strategy=hybrid needs 1 < ulysses < cp and cp % ulysses == 0 (got ulysses={p.ulysses}, "
                 f"cp={p.cp}); use ring or ulysses for a pure strategy",
             )
-    elif p.ulysses != 1:
+    elif p.ulysses != 1 and p.cp_strategy == "auto":
+        raise ConfigError("parallel.ulysses", "cp_strategy=auto picks the ulysses degree; leave it at 1")
+    elif p.ulysses != 1 and not p.auto:
         what = "ulysses uses ulysses=cp" if p.cp_strategy == "ulysses" else "ring uses ulysses=1"
         raise ConfigError("parallel.ulysses", f"only used with cp_strategy=hybrid ({what}); leave it at 1")
-    if p.cp > 1:
+    if p.device_memory_gib is not None and p.device_memory_gib <= 0:
+        raise ConfigError("parallel.device_memory_gib", f"must be > 0, got {p.device_memory_gib}")
+    if p.cp > 1 and not p.auto:  # parallel.auto replaces cp (and checks the new one)
         chunks = 2 * p.cp if p.cp_layout == "zigzag" else p.cp
         if t.seq_len % chunks:
             what = "2*cp" if p.cp_layout == "zigzag" else "cp"
@@ -441,7 +453,7 @@ def validate(cfg: Config) -> None:
                 "training.seq_len",
                 f"{t.seq_len} is not divisible by {what} = {chunks} (cp_layout={p.cp_layout})",
             )
-    if p.sequence_parallel and p.tp > 1 and (t.seq_len // p.cp) % p.tp:
+    if p.sequence_parallel and p.tp > 1 and not p.auto and (t.seq_len // p.cp) % p.tp:
         raise ConfigError(
             "training.seq_len",
             f"tokens per cp rank ({t.seq_len // p.cp}) must be divisible by tp={p.tp} with sequence_parallel",

@@ -39,8 +39,8 @@ def global_grad_norm(
         if isinstance(n, DTensor):
             n = n.full_tensor()
         sq = n.double() ** 2 if sq is None else sq + n.double() ** 2
-    if sq is None:
-        sq = torch.zeros((), dtype=torch.float64)
+    if sq is None:  # a stage without gradients still joins the pipeline reduction
+        sq = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         dist.all_reduce(sq, group=pp_group)
     return sq.sqrt().float()

@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from models.causal_lm import CausalLMStage
+from models.causal_lm import CausalLMStage, split_layers
 from models.registry import DTYPES, build_hf_model, check_supported, family_of, load_hf_config
 from parallel.cp.sharding import shard_batch
 from parallel.dims import ParallelDims, sub_mesh, sub_rank_and_size
+from parallel.pp import Pipeline
 from trainer import distributed
 from trainer.checkpoint import Checkpointer, capture_rng_state, export_hf, restore_rng_state
 from trainer.config import Config, ConfigError, config_to_dict, save_config
@@ -82,9 +83,18 @@ class Trainer:
             key, _, why = str(exc).partition(": ")
             raise ConfigError(key, why) from None
         self.family = family_of(self.hf_config)
-        if self.dims.pp > 1:
+        if self.dims.pp > 1 and getattr(self.hf_config, "tie_word_embeddings", False):
             raise ConfigError(
-                "parallel.pp", "pipeline parallelism is not available in this build yet; use pp=1"
+                "parallel.pp",
+                "tied input/output embeddings live on different pipeline stages; "
+                "use pp=1 or a model with tie_word_embeddings: false",
+            )
+        per_step = cfg.training.grad_accum * cfg.training.micro_batch_size
+        if self.dims.pp > 1 and per_step % (cfg.parallel.pp_microbatches or per_step):
+            raise ConfigError(
+                "parallel.pp_microbatches",
+                f"{cfg.parallel.pp_microbatches} does not divide "
+                f"grad_accum * micro_batch_size = {per_step} sequences per step",
             )
         if cfg.parallel.sequence_parallel:
             raise ConfigError(
@@ -100,6 +110,8 @@ class Trainer:
         self.cp_rank, self.cp_size = sub_rank_and_size(self.mesh, "cp")
         self.dp_group = sub_mesh(self.mesh, "dp").get_group()
         self.dp_cp_group = sub_mesh(self.mesh, "dp_cp").get_group()
+        self.pp_mesh = sub_mesh(self.mesh, "pp")
+        self.pp_group = self.pp_mesh.get_group() if self.dims.pp > 1 else None
         self.fsdp_size = self.dims.dp * self.dims.cp
         if self.dims.cp > 1:
             log.info(
@@ -132,9 +144,28 @@ class Trainer:
         hf = build_hf_model(cfg.model.path, cfg.model.config, dtype=torch.float32, seed=cfg.training.seed)
         if self.device.type == "cuda":
             hf = hf.to(self.device)
-        stage = CausalLMStage(hf, loss_chunk=cfg.training.loss_chunk)
+        first, last = split_layers(self.hf_config.num_hidden_layers, self.dims.pp)[
+            self.pp_mesh.get_local_rank()
+        ]
+        stage = CausalLMStage(hf, first, last, loss_chunk=cfg.training.loss_chunk)
+        del hf  # layers of other pipeline stages are freed with it
+        stage.doc_mask = cfg.data.doc_mask
         self.family.parallelize(stage, self.mesh, self.dims, cfg)
         stage.train()
+        self.pipeline = None
+        if self.dims.pp > 1:
+            micro = cfg.parallel.pp_microbatches or cfg.training.grad_accum * cfg.training.micro_batch_size
+            per_step = cfg.training.grad_accum * cfg.training.micro_batch_size
+            self.pipeline = Pipeline(
+                stage,
+                self.pp_mesh,
+                self.device,
+                micro,
+                cfg.parallel.pp_schedule,
+                microbatch_shape=(per_step // micro, cfg.training.seq_len // self.dims.cp),
+                hidden_size=self.hf_config.hidden_size,
+                dtype=DTYPES[cfg.model.dtype],
+            )
         return stage
 
     # ---- one optimizer step ---------------------------------------------------------------------
@@ -148,21 +179,28 @@ class Trainer:
         global_valid = count_valid(batches, self.dp_group)
         self.model.loss_scale = self.fsdp_size / max(global_valid, 1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        shards = []
         for batch in batches:
             local = shard_batch(batch, self.cp_size, self.cp_rank, cfg.parallel.cp_layout)
-            local = {k: v.to(self.device, non_blocking=True) for k, v in local.items()}
-            loss = self.model(
-                local["input_ids"],
-                local["position_ids"],
-                doc_ids=local["doc_ids"] if cfg.data.doc_mask else None,
-                labels=local["labels"],
-            )
-            loss.backward()
-            loss_sum += loss.detach().double()
+            shards.append({k: v.to(self.device, non_blocking=True) for k, v in local.items()})
+        if self.pipeline is not None:
+            # All micro-batches of the step go through the pipeline schedule together.
+            cat = {k: torch.cat([b[k] for b in shards]) for k in shards[0]}
+            for loss in self.pipeline.step(
+                cat["input_ids"], cat["position_ids"], cat["doc_ids"], cat["labels"]
+            ):
+                loss_sum += loss.detach().double().sum()
+        else:
+            for b in shards:
+                loss = self.model(b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"])
+                loss.backward()
+                loss_sum += loss.detach().double().sum()
         # Each rank holds local_sum * fsdp_size / global_valid: the sum over dp x cp ranks / fsdp_size is the mean.
         dist.all_reduce(loss_sum, group=self.dp_cp_group)
+        if self.pp_group is not None:  # only the last stage has a loss
+            dist.all_reduce(loss_sum, group=self.pp_group)
         loss_value = (loss_sum / self.fsdp_size).item()
-        grad_norm = global_grad_norm(self.params)
+        grad_norm = global_grad_norm(self.params, self.pp_group)
         finite = torch.tensor(
             [
                 float(torch.isfinite(grad_norm))

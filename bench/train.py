@@ -1,0 +1,261 @@
+"""End-to-end training-step throughput: longctx (FSDP2 + CP) vs a hand-built HF + torch-native-CP peer.
+
+    torchrun --nproc_per_node 2 -m bench.train --model 1b --seqs 32768 65536 131072 --impls ring ulysses peer
+
+Random-init Llama-3.x-shaped models (fp32 masters, bf16 compute via FSDP2 mixed precision), full activation
+checkpointing, random token batches (no data pipeline), AdamW step and grad clipping included. Reports
+tokens/s/GPU, MFU (trainer/metrics.flops_per_token convention, 989 TF/s bf16 peak) and peak memory.
+The peer is what HF accelerate's cp_size does underneath: LlamaForCausalLM (SDPA) + fully_shard + torch
+`context_parallel` (cuDNN SDPA), HF gradient checkpointing, full logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import time
+
+import torch
+import torch.distributed as dist
+
+from bench.common import gpu_name, init_dist, log0, markdown_table, max_over_ranks, write_results
+
+PEAK_BF16 = 989e12
+_LLAMA = dict(
+    model_type="llama",
+    vocab_size=128256,
+    rope_theta=500000.0,
+    max_position_embeddings=1 << 21,
+    rms_norm_eps=1e-5,
+    attention_dropout=0.0,
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
+MODELS = {
+    "1b": dict(
+        _LLAMA,
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        intermediate_size=8192,
+        tie_word_embeddings=True,
+    ),
+    "3b": dict(
+        _LLAMA,
+        hidden_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=8192,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        _LLAMA,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=14336,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def make_config(model: str, seq: int, strategy: str, cp: int, ac: str = "full", offload: bool = False):
+    from trainer.config import Config
+
+    cfg = Config()
+    cfg.model.config = dict(MODELS[model])
+    cfg.model.dtype = "bfloat16"  # compute dtype: FSDP casts the fp32 masters to it
+    cfg.parallel.cp = cp
+    cfg.parallel.cp_strategy = strategy
+    cfg.parallel.activation_checkpointing = ac
+    cfg.parallel.fsdp_cpu_offload = offload
+    cfg.training.seq_len = seq
+    return cfg
+
+
+def build_longctx(cfg, world: int):
+    from models.causal_lm import CausalLMStage
+    from models.parallelize import parallelize_llama
+    from models.registry import build_hf_model
+    from parallel.dims import ParallelDims
+
+    dims = ParallelDims.from_config(cfg.parallel, world)
+    mesh = dims.build_mesh("cuda")
+    with torch.device("cuda"):  # random init straight on the GPU (fast); FSDP then shards it
+        hf = build_hf_model(None, cfg.model.config, dtype=torch.float32)
+    stage = CausalLMStage(hf, loss_chunk=cfg.training.loss_chunk)
+    parallelize_llama(stage, mesh, dims, cfg)
+    stage.train()
+    return stage
+
+
+def longctx_step_fn(stage, cfg, world: int, rank: int):
+    from parallel.cp.sharding import shard
+    from trainer.loss import clip_gradients, global_grad_norm
+    from trainer.optim import build_optimizer
+
+    params = [p for p in stage.parameters() if p.requires_grad]
+    opt = build_optimizer(params, cfg.optim)
+    seq, cp = cfg.training.seq_len, cfg.parallel.cp
+    cp_rank = rank % cp
+    gen = torch.Generator(device="cuda").manual_seed(0)  # same tokens on every rank of the CP group
+    stage.loss_scale = world / seq
+
+    def step():
+        ids = torch.randint(0, cfg.model.config["vocab_size"], (1, seq + 1), device="cuda", generator=gen)
+        pos = torch.arange(seq, device="cuda")[None]
+        x, y, p = (
+            shard(t, cp, cp_rank, cfg.parallel.cp_layout, dim=1) for t in (ids[:, :-1], ids[:, 1:], pos)
+        )
+        stage(x, p, labels=y).backward()
+        clip_gradients(params, 1.0, global_grad_norm(params))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def peer_step_fn(cfg, world: int):
+    """HF LlamaForCausalLM + FSDP2 + torch context_parallel (cuDNN SDPA) + HF checkpointing, full logits."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(cfg.model.config)
+    hf_cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32, attn_implementation="sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+    model.config.use_cache = False
+    mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("cp",))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    seq = cfg.training.seq_len
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def step():
+        ids = torch.randint(0, hf_cfg.vocab_size, (1, seq + 1), device="cuda", generator=gen)
+        x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+        pos = torch.arange(seq, device="cuda")[None].contiguous()
+        with (
+            sdpa_kernel(SDPBackend.CUDNN_ATTENTION),
+            context_parallel(mesh, buffers=[x, y, pos], buffer_seq_dims=[1, 1, 1]),
+        ):
+            logits = model(input_ids=x, position_ids=pos).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_steps(step, warmup: int, steps: int) -> float:
+    """Median seconds per step (host clock after a device sync; steps are seconds long)."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return max_over_ranks(sorted(times)[len(times) // 2])
+
+
+def measure(
+    model: str, seq: int, impl: str, world: int, rank: int, warmup: int, steps: int, offload: bool = False
+) -> dict:
+    from transformers import AutoConfig
+
+    from trainer.metrics import flops_per_token
+
+    strategy = "ring" if impl == "peer" else impl
+    cfg = make_config(model, seq, strategy, cp=world, offload=offload)
+    fields = dict(cfg.model.config)
+    hf_cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if impl == "peer":
+        step = peer_step_fn(cfg, world)
+    else:
+        step = longctx_step_fn(build_longctx(cfg, world), cfg, world, rank)
+    torch.cuda.reset_peak_memory_stats()
+    t = run_steps(step, warmup, steps)
+    tok_gpu = seq / world / t
+    return dict(
+        model=model,
+        impl=impl,
+        seq=seq,
+        step_s=t,
+        tok_s_gpu=tok_gpu,
+        mfu_pct=100 * tok_gpu * flops_per_token(hf_cfg, seq) / PEAK_BF16,
+        peak_gib=max_over_ranks(torch.cuda.max_memory_allocated() / 2**30),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", nargs="+", default=["1b"], choices=sorted(MODELS))
+    ap.add_argument("--seqs", type=int, nargs="+", default=[32768, 65536, 131072])
+    ap.add_argument("--impls", nargs="+", default=["ring", "ulysses", "peer"])
+    ap.add_argument(
+        "--peer-seqs", type=int, nargs="*", default=None, help="seq lens for the peer (default all)"
+    )
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rank, world = init_dist()
+    rows = []
+    for model in args.model:
+        for seq in args.seqs:
+            for impl in args.impls:
+                if impl == "peer" and args.peer_seqs is not None and seq not in args.peer_seqs:
+                    continue
+                gc.collect()
+                torch.cuda.empty_cache()
+                try:
+                    row = measure(model, seq, impl, world, rank, args.warmup, args.steps)
+                except torch.OutOfMemoryError as e:
+                    row = dict(model=model, impl=impl, seq=seq, error=f"OOM: {str(e)[:120]}")
+                except Exception as e:  # keep the rest of the table
+                    row = dict(model=model, impl=impl, seq=seq, error=f"{type(e).__name__}: {str(e)[:200]}")
+                rows.append(row)
+                log0(row)
+                gc.collect()
+                torch.cuda.empty_cache()
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        gpu=gpu_name(),
+        world=world,
+        torch=torch.__version__,
+        args=vars(args),
+        ac="full",
+        dtype="bf16 compute, fp32 master",
+    )
+    write_results(args.out, rows, meta)
+    log0(f"\n{meta['gpu']} x{world}, torch {meta['torch']}, full AC")
+    log0(
+        markdown_table(rows, ["model", "impl", "seq", "step_s", "tok_s_gpu", "mfu_pct", "peak_gib", "error"])
+    )
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Predicted optimizer-step time for one layout, split by cause (docs/parallelism.md states the formulas).
+
+Per micro-step on the busiest rank (notation of memory.py; rates from calibration.py):
+
+    matmul      6 * T * (Ls * P_mm/t + V*h) / matmul rate          (the LM head is replicated over tp)
+    attention   3.5 * 2*S^2*a_r*d * Ls * micro_batch / c / rate(d)  causal fwd+bwd, x (2R-1)/R for a
+                contiguous ring (its last rank does twice the average work; zigzag is balanced)
+    recompute   AC share x (layer forward matmul + attention forward) + the chunked loss' head forward
+    cp comm     ring: per layer and step a KV block (2*b*Tm*k_r*d) hides behind that step's attention;
+                only the excess is exposed. The fp32 dK/dV block (8*Tm*k_r*d) is sent after the step's
+                backward compute (as parallel/cp/ring.py does), so it is always exposed.
+                Ulysses: 4 all-to-alls forward (q, k, v, out) and 4 backward, (U-1)/U of
+                b*Tm*(2*a_r + 2*k_r)*d bytes, never hidden.
+    tp comm     2 all-reduces forward + 2 backward per layer of b*Tm*h bytes, 2*(t-1)/t of it on the wire
+    fsdp comm   all-gather (b) and reduce-scatter (fp32) of the stage's parameters, (F-1)/F of it;
+                overlapped with compute except the first layer's gather
+    pp bubble   (p-1)/m of the busy time = (p-1)/(m+p-1) of the step
+    step        grad_accum x the sum
+
+Forward communication repeats for every recomputed layer. Groups that fit in `gpus_per_node` consecutive
+ranks use NVLink rates; the mesh puts tp innermost, then ulysses, ring, dp, pp (parallel/dims.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from parallel.planner.calibration import DeviceRates
+from parallel.planner.enumerate import Layout
+from parallel.planner.memory import ModelShape, Workload, rank_view
+
+PARTS = ("matmul", "attention", "recompute", "cp_comm", "tp_comm", "fsdp_comm", "pp_bubble")
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step, by cause; `tokens_per_s_per_gpu` is the ranking metric."""
+
+    matmul: float
+    attention: float
+    recompute: float
+    cp_comm: float
+    tp_comm: float
+    fsdp_comm: float
+    pp_bubble: float
+    tokens_per_step: int
+    world_size: int
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, p) for p in PARTS)
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float:
+        return self.tokens_per_step / (self.world_size * self.total)
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "total": self.total, "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu}
+
+
+def group_spans(layout: Layout) -> dict[str, int]:
+    """How many consecutive ranks each group's members spread over (innermost dims are contiguous)."""
+    t, u, c = layout.tp, layout.ulysses, layout.cp
+    return {"tp": t, "ulysses": t * u, "ring": t * c, "fsdp": t * c * layout.dp}
+
+
+def ac_fraction(mode: str, layers: int) -> float:
+    """Share of the stage's layers whose forward runs twice."""
+    return {"none": 0.0, "full": 1.0, "selective": math.ceil(layers / 2) / layers}[mode]
+
+
+def step_time(
+    shape: ModelShape, layout: Layout, work: Workload, rates: DeviceRates, gpus_per_node: int = 8
+) -> StepTime:
+    rv = rank_view(shape, layout, work)
+    b, d, h, ls = work.compute_bytes, shape.head_dim, shape.hidden, rv.stage_layers
+    m, tm = rv.microbatches, rv.mb_tokens
+    speed = 1.0 if b == 2 else rates.fp32_speed
+    mm_rate = rates.matmul_tflops * 1e12 * speed
+    attn_rate = rates.attention_rate(d) * 1e12 * speed
+    intra = {k: span <= gpus_per_node for k, span in group_spans(layout).items()}
+    ac = ac_fraction(work.activation_checkpointing, ls)
+
+    mm_layers = 6 * rv.tokens * ls * shape.layer_matmul_params(layout.tp) / mm_rate
+    mm_head = 6 * rv.tokens * shape.vocab * h / mm_rate
+    imbalance = (2 * layout.ring - 1) / layout.ring if layout.cp_layout == "contiguous" else 1.0
+    attn_flops = 7 * work.micro_batch_size * work.seq_len**2 * rv.heads * d * ls / layout.cp
+    balanced = attn_flops / attn_rate
+    attention = balanced * imbalance
+    rows_per_mb = max(1, work.micro_batch_size // m)
+    chunked = work.seq_len // layout.cp > max(1, work.loss_chunk // rows_per_mb)
+    recompute = ac * (mm_layers / 3 + attention / 3.5) + (mm_head / 3 if chunked else 0.0)
+
+    # Per layer and microbatch; attention time per ring step is what a KV transfer can hide behind. Only
+    # the balanced share counts: a transfer (and an FSDP collective) waits for the least busy rank too.
+    cp_fwd = cp_bwd = 0.0
+    if layout.ring > 1:
+        bw = rates.bandwidth("p2p", intra["ring"])
+        kv, dkv = 2 * b * tm * rv.kv_heads * d / bw, 8 * tm * rv.kv_heads * d / bw
+        fwd_step = balanced / (ls * m) / 3.5 / layout.ring
+        bwd_step = fwd_step * 2.5
+        r = layout.ring
+        cp_fwd += (r - 1) * max(0.0, kv - fwd_step)
+        cp_bwd += (r - 1) * max(0.0, kv - bwd_step) + r * dkv
+    if layout.ulysses > 1:
+        u = layout.ulysses
+        vol = b * tm * (2 * rv.heads + 2 * rv.kv_heads) * d * (u - 1) / u
+        a2a = vol / rates.bandwidth("alltoall", intra["ulysses"])
+        cp_fwd += a2a
+        cp_bwd += a2a
+    cp_comm = ls * m * (cp_fwd * (1 + ac) + cp_bwd)
+
+    tp_comm = 0.0
+    if layout.tp > 1:
+        t = layout.tp
+        one = 2 * (t - 1) / t * b * tm * h / rates.bandwidth("collective", intra["tp"])
+        tp_comm = ls * m * one * (2 * (1 + ac) + 2)
+
+    fsdp = 0.0
+    f = layout.dp * layout.cp
+    if f > 1:
+        bw = rates.bandwidth("collective", intra["fsdp"])
+        share = (f - 1) / f
+        p_layer, p_root = shape.layer_params(layout.tp), shape.root_params(layout.pp)
+        gathers = (ls * (2 if work.reshard_after_forward else 1)) * p_layer + p_root
+        total = share * (b * gathers + 4 * (ls * p_layer + p_root)) / bw
+        first = share * b * p_layer / bw
+        fsdp = first + max(0.0, total - (mm_layers + mm_head + balanced + recompute))
+
+    busy = mm_layers + mm_head + attention + recompute + cp_comm + tp_comm + fsdp
+    bubble = busy * (layout.pp - 1) / m
+    ga = work.grad_accum
+    return StepTime(
+        matmul=ga * (mm_layers + mm_head),
+        attention=ga * attention,
+        recompute=ga * recompute,
+        cp_comm=ga * cp_comm,
+        tp_comm=ga * tp_comm,
+        fsdp_comm=ga * fsdp,
+        pp_bubble=ga * bubble,
+        tokens_per_step=work.micro_batch_size * work.seq_len * ga * layout.dp,
+        world_size=layout.world_size,
+    )

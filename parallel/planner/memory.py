@@ -1,0 +1,250 @@
+"""Predicted peak memory per GPU for one layout, in bytes - the formulas of docs/parallelism.md.
+
+Notation: L layers, h hidden, a heads, g kv heads, d head_dim, I intermediate, V vocab, b bytes of the
+compute dtype (2 for bfloat16, 4 for float32); degrees dp, tp=t, pp=p, cp=c=U*R (U ulysses, R ring),
+F = dp*c the FSDP shard degree. Per rank: a_r = a/t query heads, k_r kv heads (g/t, replicated up to U
+under Ulysses when g/t < U), Ls = ceil(L/p) layers, T = micro_batch*seq_len/c tokens per micro-step,
+split into m pipeline microbatches of Tm = T/m tokens (m = 1 without PP).
+
+    params + grads + AdamW   16 * ceil(P_stage / F)        fp32 master, fp32 grads, 2 fp32 moments
+    gathered (FSDP)          b * P_root  + b * V*h  + (3b + 4) * P_layer
+                             root (embeddings, norm, head) stays gathered, the head's unsharded grad
+                             lives until the root reduce-scatter, and per layer: the one computing, the
+                             one prefetched, one layer's unsharded grad with its fp32 reduce copy
+                             (reshard_after_forward=false keeps all Ls layers gathered instead)
+    activations / layer / token, flash-style attention (no S^2 term):
+        A = 2*(4 + b)*h                         two RMSNorms: fp32 upcast of the input + normed output
+                                                (replicated over tp unless sequence_parallel)
+          + b*(a_r + 2*k_r)*d                   q, k, v after RoPE (after the Ulysses exchange)
+          + 2*b*a_r*d + 4*a_r                   attention output (kernel copy + o_proj input), fp32 LSE
+          + 4*b*ceil(I/t)                       gate, up, SiLU(gate), SiLU(gate)*up
+    activations              none: Ls*A*Tf;  full: Ls*b*h*Tf;  selective: half the layers each
+                             (+ A*Tm for the layer being recomputed / back-propagated, + (4+b)*h*Tm for
+                             the final norm); Tf = tokens in flight = Tm * (m for GPipe, min(p, m) else)
+    attention buffers        Tm * [4*a_r*d + 4*a_r + 8*k_r*d]      fp32 out/dQ, LSE, dK/dV
+                             ring R>1: + Tm * [4*b*k_r*d + 8*k_r*d]  2 KV blocks + 1 dKV block in flight
+                             Ulysses U>1: + Tm * 2*b*(a_r + 2*k_r)*d  all-to-all send/receive copies
+    LM-head logits           chunk * V * (b + 12): one loss_chunk of logits plus 3 fp32 tensors
+    peak = params+grads+AdamW + gathered + activations + max(attention buffers, logits) + overhead
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from parallel.planner.enumerate import Layout
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool = False
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> ModelShape:
+        heads = hf.num_attention_heads
+        return cls(
+            layers=hf.num_hidden_layers,
+            hidden=hf.hidden_size,
+            heads=heads,
+            kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+            intermediate=hf.intermediate_size,
+            vocab=hf.vocab_size,
+            tied=bool(getattr(hf, "tie_word_embeddings", False)),
+        )
+
+    def layer_matmul_params(self, tp: int = 1) -> int:
+        """Projection weights of one layer held by one TP rank (biases ignored)."""
+        h, d = self.hidden, self.head_dim
+        q_o = 2 * h * (self.heads // tp) * d
+        k_v = 2 * h * (self.kv_heads // tp) * d
+        return q_o + k_v + 3 * h * math.ceil(self.intermediate / tp)
+
+    def layer_params(self, tp: int = 1) -> int:
+        return self.layer_matmul_params(tp) + 2 * self.hidden  # + the two norms, replicated over tp
+
+    def root_params(self, pp: int = 1) -> int:
+        """Embedding, final norm and LM head of the heaviest stage (TP keeps them replicated)."""
+        vh = self.vocab * self.hidden
+        if pp > 1:
+            return vh + self.hidden  # first stage: embedding; last: norm + head
+        return vh * (1 if self.tied else 2) + self.hidden
+
+    def non_embedding_params(self) -> int:
+        return self.layers * self.layer_params()
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The non-layout settings that shape memory and time (from the run config)."""
+
+    seq_len: int
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    compute_bytes: int = 2
+    activation_checkpointing: str = "none"
+    sequence_parallel: bool = False
+    loss_chunk: int = 4096
+    pp_microbatches: int | None = None
+    pp_schedule: str = "1F1B"
+    reshard_after_forward: bool = True
+    fsdp_cpu_offload: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Workload:
+        """From a trainer Config (read by attribute: parallel/ does not import trainer/)."""
+        t, p = cfg.training, cfg.parallel
+        return cls(
+            seq_len=t.seq_len,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum=t.grad_accum,
+            compute_bytes=2 if cfg.model.dtype == "bfloat16" else 4,
+            activation_checkpointing=p.activation_checkpointing,
+            sequence_parallel=p.sequence_parallel,
+            loss_chunk=t.loss_chunk,
+            pp_microbatches=p.pp_microbatches,
+            pp_schedule=p.pp_schedule,
+            reshard_after_forward=p.reshard_after_forward,
+            fsdp_cpu_offload=p.fsdp_cpu_offload,
+        )
+
+
+@dataclass(frozen=True)
+class RankView:
+    """Per-rank quantities of a layout that both the memory and the time model use."""
+
+    stage_layers: int
+    heads: int
+    kv_heads: int
+    tokens: int
+    microbatches: int
+    in_flight: int
+
+    @property
+    def mb_tokens(self) -> int:
+        return self.tokens // self.microbatches
+
+
+def rank_view(shape: ModelShape, layout: Layout, work: Workload) -> RankView:
+    kv = shape.kv_heads // layout.tp
+    u = layout.ulysses
+    m = 1 if layout.pp == 1 else (work.pp_microbatches or layout.pp)
+    in_flight = m if work.pp_schedule == "GPipe" else min(layout.pp, m)
+    return RankView(
+        stage_layers=math.ceil(shape.layers / layout.pp),
+        heads=shape.heads // layout.tp,
+        kv_heads=max(kv, u) if u > 1 else kv,
+        tokens=work.micro_batch_size * work.seq_len // layout.cp,
+        microbatches=m,
+        in_flight=in_flight,
+    )
+
+
+def layer_activation_bytes(shape: ModelShape, layout: Layout, work: Workload, tokens: int) -> int:
+    """Saved activations of one decoder layer for `tokens` local tokens, no checkpointing."""
+    b, d, rv = work.compute_bytes, shape.head_dim, rank_view(shape, layout, work)
+    rep_tokens = tokens // layout.tp if work.sequence_parallel else tokens
+    replicated = 2 * (4 + b) * shape.hidden * rep_tokens
+    per_token = (
+        b * (rv.heads + 2 * rv.kv_heads) * d
+        + 2 * b * rv.heads * d
+        + 4 * rv.heads
+        + 4 * b * math.ceil(shape.intermediate / layout.tp)
+    )
+    return replicated + per_token * tokens
+
+
+def activation_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
+    rv = rank_view(shape, layout, work)
+    tm, tf, ls = rv.mb_tokens, rv.mb_tokens * rv.in_flight, rv.stage_layers
+    b, h = work.compute_bytes, shape.hidden
+    full = layer_activation_bytes(shape, layout, work, tf)
+    inputs = b * h * (tf // layout.tp if work.sequence_parallel else tf)
+    ckpt = {"none": 0, "full": ls, "selective": math.ceil(ls / 2)}[work.activation_checkpointing]
+    saved = (ls - ckpt) * full + ckpt * inputs
+    working = layer_activation_bytes(shape, layout, work, tm)
+    return saved + working + (4 + b) * h * tm
+
+
+def attention_buffer_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
+    rv = rank_view(shape, layout, work)
+    b, d, a, k = work.compute_bytes, shape.head_dim, rv.heads, rv.kv_heads
+    per_token = 4 * a * d + 4 * a + 8 * k * d
+    if layout.ring > 1:
+        per_token += 4 * b * k * d + 8 * k * d
+    if layout.ulysses > 1:
+        per_token += 2 * b * (a + 2 * k) * d
+    return per_token * rv.mb_tokens
+
+
+def logits_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
+    rv = rank_view(shape, layout, work)
+    seqs = max(1, work.micro_batch_size // rv.microbatches)
+    per_row = min(max(1, work.loss_chunk // seqs), work.seq_len // layout.cp)
+    return seqs * per_row * shape.vocab * (work.compute_bytes + 12)
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    params: int
+    grads: int
+    optimizer: int
+    gathered: int
+    activations: int
+    attention: int
+    logits: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return (
+            self.params
+            + self.grads
+            + self.optimizer
+            + self.gathered
+            + self.activations
+            + max(self.attention, self.logits)
+            + self.overhead
+        )
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GIB
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def memory_breakdown(
+    shape: ModelShape, layout: Layout, work: Workload, overhead_bytes: int = 0
+) -> MemoryBreakdown:
+    """Predicted peak bytes on the busiest GPU of `layout` (see the module docstring for each term)."""
+    b = work.compute_bytes
+    rv = rank_view(shape, layout, work)
+    p_layer = shape.layer_params(layout.tp)
+    p_root = shape.root_params(layout.pp)
+    shard = math.ceil((rv.stage_layers * p_layer + p_root) / (layout.dp * layout.cp))
+    on_gpu = 0 if work.fsdp_cpu_offload else shard
+    kept = rv.stage_layers if not work.reshard_after_forward else 2
+    gathered = b * p_root + b * shape.vocab * shape.hidden + b * kept * p_layer + (b + 4) * p_layer
+    return MemoryBreakdown(
+        params=4 * on_gpu,
+        grads=4 * on_gpu,
+        optimizer=8 * on_gpu,
+        gathered=gathered,
+        activations=activation_bytes(shape, layout, work),
+        attention=attention_buffer_bytes(shape, layout, work),
+        logits=logits_bytes(shape, layout, work),
+        overhead=overhead_bytes,
+    )
