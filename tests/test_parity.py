@@ -188,7 +188,7 @@ def _reference(model_dir, cfg, dp_size):
     from trainer.optim import lr_factor
 
     batches = _global_batches(cfg, dp_size, STEPS)
-    m64 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager")
+    m64 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="sdpa")
     loss = _hf_loss(m64, batches[0])
     loss.backward()
     gnorm = math.sqrt(

@@ -16,6 +16,7 @@ from models.causal_lm import CausalLMStage, split_layers
 from models.registry import DTYPES, build_hf_model, check_supported, family_of, load_hf_config
 from parallel.cp.sharding import shard_batch
 from parallel.dims import ParallelDims, sub_mesh, sub_rank_and_size
+from parallel.planner import resolve_auto
 from parallel.pp import Pipeline
 from trainer import distributed
 from trainer.checkpoint import Checkpointer, capture_rng_state, export_hf, restore_rng_state
@@ -68,6 +69,7 @@ class Trainer:
         setup_logging(self.out, self.rank)
         # Everything that can reject the run does so before any weights or data are loaded.
         self.hf_config = load_hf_config(cfg.model.path, cfg.model.config)
+        cfg = self.cfg = resolve_auto(cfg, self.world, self.hf_config)  # no-op unless parallel.auto / cp auto
         self.dims = ParallelDims.from_config(cfg.parallel, self.world)
         for note in self.dims.validate_model(
             self.hf_config,

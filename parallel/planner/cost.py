@@ -1,9 +1,10 @@
 """Predicted optimizer-step time for one layout, split by cause (docs/parallelism.md states the formulas).
 
-Per micro-step on the busiest rank (notation of memory.py; rates from calibration.py):
+Per forward/backward pass on the busiest rank (notation of memory.py; rates from calibration.py), with
+T = m*Tm local tokens per pass and S = seq_len:
 
     matmul      6 * T * (Ls * P_mm/t + V*h) / matmul rate          (the LM head is replicated over tp)
-    attention   3.5 * 2*S^2*a_r*d * Ls * micro_batch / c / rate(d)  causal fwd+bwd, x (2R-1)/R for a
+    attention   3.5 * 2*S^2*a_r*d * Ls * sequences / c / rate(d)   causal fwd+bwd, x (2R-1)/R for a
                 contiguous ring (its last rank does twice the average work; zigzag is balanced)
     recompute   AC share x (layer forward matmul + attention forward) + the chunked loss' head forward
     cp comm     ring: per layer and step a KV block (2*b*Tm*k_r*d) hides behind that step's attention;
@@ -15,7 +16,7 @@ Per micro-step on the busiest rank (notation of memory.py; rates from calibratio
     fsdp comm   all-gather (b) and reduce-scatter (fp32) of the stage's parameters, (F-1)/F of it;
                 overlapped with compute except the first layer's gather
     pp bubble   (p-1)/m of the busy time = (p-1)/(m+p-1) of the step
-    step        grad_accum x the sum
+    step        passes x the sum (grad_accum passes without PP, one pipeline pass with it)
 
 Forward communication repeats for every recomputed layer. Groups that fit in `gpus_per_node` consecutive
 ranks use NVLink rates; the mesh puts tp innermost, then ulysses, ring, dp, pp (parallel/dims.py).
@@ -85,11 +86,10 @@ def step_time(
     mm_layers = 6 * rv.tokens * ls * shape.layer_matmul_params(layout.tp) / mm_rate
     mm_head = 6 * rv.tokens * shape.vocab * h / mm_rate
     imbalance = (2 * layout.ring - 1) / layout.ring if layout.cp_layout == "contiguous" else 1.0
-    attn_flops = 7 * work.micro_batch_size * work.seq_len**2 * rv.heads * d * ls / layout.cp
+    attn_flops = 7 * rv.mb_seqs * m * work.seq_len**2 * rv.heads * d * ls / layout.cp
     balanced = attn_flops / attn_rate
     attention = balanced * imbalance
-    rows_per_mb = max(1, work.micro_batch_size // m)
-    chunked = work.seq_len // layout.cp > max(1, work.loss_chunk // rows_per_mb)
+    chunked = work.seq_len // layout.cp > max(1, work.loss_chunk // rv.mb_seqs)
     recompute = ac * (mm_layers / 3 + attention / 3.5) + (mm_head / 3 if chunked else 0.0)
 
     # Per layer and microbatch; attention time per ring step is what a KV transfer can hide behind. Only
@@ -123,14 +123,16 @@ def step_time(
         bw = rates.bandwidth("collective", intra["fsdp"])
         share = (f - 1) / f
         p_layer, p_root = shape.layer_params(layout.tp), shape.root_params(layout.pp)
-        gathers = (ls * (2 if work.reshard_after_forward else 1)) * p_layer + p_root
+        # Resharding after forward gathers each layer again in backward - per microbatch under PP.
+        regather = 2 * m if work.reshard_after_forward else 1
+        gathers = ls * regather * p_layer + p_root
         total = share * (b * gathers + 4 * (ls * p_layer + p_root)) / bw
         first = share * b * p_layer / bw
         fsdp = first + max(0.0, total - (mm_layers + mm_head + balanced + recompute))
 
     busy = mm_layers + mm_head + attention + recompute + cp_comm + tp_comm + fsdp
     bubble = busy * (layout.pp - 1) / m
-    ga = work.grad_accum
+    ga = rv.steps
     return StepTime(
         matmul=ga * (mm_layers + mm_head),
         attention=ga * attention,
@@ -139,6 +141,6 @@ def step_time(
         tp_comm=ga * tp_comm,
         fsdp_comm=ga * fsdp,
         pp_bubble=ga * bubble,
-        tokens_per_step=work.micro_batch_size * work.seq_len * ga * layout.dp,
+        tokens_per_step=work.micro_batch_size * work.seq_len * work.grad_accum * layout.dp,
         world_size=layout.world_size,
     )

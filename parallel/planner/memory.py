@@ -3,8 +3,8 @@
 Notation: L layers, h hidden, a heads, g kv heads, d head_dim, I intermediate, V vocab, b bytes of the
 compute dtype (2 for bfloat16, 4 for float32); degrees dp, tp=t, pp=p, cp=c=U*R (U ulysses, R ring),
 F = dp*c the FSDP shard degree. Per rank: a_r = a/t query heads, k_r kv heads (g/t, replicated up to U
-under Ulysses when g/t < U), Ls = ceil(L/p) layers, T = micro_batch*seq_len/c tokens per micro-step,
-split into m pipeline microbatches of Tm = T/m tokens (m = 1 without PP).
+under Ulysses when g/t < U), Ls = ceil(L/p) layers, Tm = local tokens of one microbatch: micro_batch*seq_len/c without PP; with PP
+the step's grad_accum*micro_batch sequences form m = pp_microbatches microbatches (default one sequence).
 
     params + grads + AdamW   16 * ceil(P_stage / F)        fp32 master, fp32 grads, 2 fp32 moments
     gathered (FSDP)          b * P_root  + b * V*h  + (3b + 4) * P_layer
@@ -122,32 +122,51 @@ class Workload:
 
 @dataclass(frozen=True)
 class RankView:
-    """Per-rank quantities of a layout that both the memory and the time model use."""
+    """Per-rank quantities of a layout that both the memory and the time model use.
+
+    Without PP an optimizer step is grad_accum micro-steps of micro_batch_size sequences. With PP it is
+    one pipeline pass over all grad_accum * micro_batch_size sequences, cut into pp_microbatches
+    (default: one sequence each), as trainer/trainer.py runs it.
+    """
 
     stage_layers: int
     heads: int
     kv_heads: int
-    tokens: int
+    steps: int
+    """Forward/backward passes per optimizer step (grad_accum without PP, 1 with it)."""
     microbatches: int
+    """Pipeline microbatches per pass (1 without PP)."""
+    mb_seqs: int
+    """Sequences per microbatch."""
+    mb_tokens: int
+    """Local tokens per microbatch (Tm)."""
     in_flight: int
+    """Microbatches whose activations a stage holds at once."""
 
     @property
-    def mb_tokens(self) -> int:
-        return self.tokens // self.microbatches
+    def tokens(self) -> int:
+        """Local tokens per pass (T)."""
+        return self.mb_tokens * self.microbatches
 
 
 def rank_view(shape: ModelShape, layout: Layout, work: Workload) -> RankView:
     kv = shape.kv_heads // layout.tp
     u = layout.ulysses
-    m = 1 if layout.pp == 1 else (work.pp_microbatches or layout.pp)
-    in_flight = m if work.pp_schedule == "GPipe" else min(layout.pp, m)
+    if layout.pp == 1:
+        steps, m, seqs = work.grad_accum, 1, work.micro_batch_size
+    else:
+        per_step = work.grad_accum * work.micro_batch_size
+        steps, m = 1, work.pp_microbatches or per_step
+        seqs = max(1, per_step // m)
     return RankView(
         stage_layers=math.ceil(shape.layers / layout.pp),
         heads=shape.heads // layout.tp,
         kv_heads=max(kv, u) if u > 1 else kv,
-        tokens=work.micro_batch_size * work.seq_len // layout.cp,
+        steps=steps,
         microbatches=m,
-        in_flight=in_flight,
+        mb_seqs=seqs,
+        mb_tokens=seqs * work.seq_len // layout.cp,
+        in_flight=m if work.pp_schedule == "GPipe" else min(layout.pp, m),
     )
 
 
@@ -190,7 +209,7 @@ def attention_buffer_bytes(shape: ModelShape, layout: Layout, work: Workload) ->
 
 def logits_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
     rv = rank_view(shape, layout, work)
-    seqs = max(1, work.micro_batch_size // rv.microbatches)
+    seqs = rv.mb_seqs
     per_row = min(max(1, work.loss_chunk // seqs), work.seq_len // layout.cp)
     return seqs * per_row * shape.vocab * (work.compute_bytes + 12)
 

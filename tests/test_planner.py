@@ -1,0 +1,299 @@
+"""Layout planner: enumeration and validity, memory arithmetic, cost ranking, --plan CLI, auto resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoConfig
+
+from parallel.dims import ConfigError, ParallelDims
+from parallel.planner import (
+    Layout,
+    ModelShape,
+    Workload,
+    compare_with_measurements,
+    enumerate_layouts,
+    load_rates,
+    memory_breakdown,
+    plan_rows,
+    resolve_auto,
+    step_time,
+)
+from parallel.planner.cost import group_spans
+from trainer.cli import dry_run
+from trainer.config import Config, ModelConfig, ParallelConfig, TrainingConfig, load_config, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RATES = load_rates()
+
+
+def hf(heads=8, kv=8, layers=8, head_dim=16, **kw):
+    fields = dict(
+        hidden_size=heads * head_dim, intermediate_size=64, vocab_size=128, tie_word_embeddings=False
+    )
+    fields.update(kw)
+    return AutoConfig.for_model(
+        "llama", num_attention_heads=heads, num_key_value_heads=kv, num_hidden_layers=layers, **fields
+    )
+
+
+LLAMA_8B = dict(
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=1 << 20,
+    tie_word_embeddings=False,
+)
+
+
+def config(model: dict, seq_len: int, ac: str = "full", **parallel) -> Config:
+    cfg = Config(
+        model=ModelConfig(config=model, dtype="bfloat16"),
+        parallel=ParallelConfig(activation_checkpointing=ac, **parallel),
+        training=TrainingConfig(seq_len=seq_len),
+    )
+    validate(cfg)
+    return cfg
+
+
+def hf_of(cfg: Config):
+    fields = dict(cfg.model.config)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+# ---- enumeration ------------------------------------------------------------------------------------
+
+
+def test_enumeration_counts_for_8_ranks():
+    # 20 ordered (dp, tp, pp, cp) with product 8; cp=1 -> 1 layout, cp=2 -> 2 splits x 2 layouts,
+    # cp=4 -> 3 x 2, cp=8 -> 4 x 2: 10*1 + 6*4 + 3*6 + 1*8 = 60.
+    cands = enumerate_layouts(8, hf(), 4096, pp_supported=True)
+    assert len(cands) == 60
+    assert len({c.layout for c in cands}) == 60
+    assert all(c.reason is None for c in cands)  # 8 heads, 8 kv heads, 8 layers: everything fits
+    # Without PP only the 36 pp=1 layouts stay valid.
+    no_pp = enumerate_layouts(8, hf(), 4096, pp_supported=False)
+    assert sum(c.reason is None for c in no_pp) == 36
+    assert all("pipeline" in c.reason for c in no_pp if c.layout.pp > 1)
+    fixed = enumerate_layouts(8, hf(), 4096, fixed=dict(dp=1, tp=1, pp=1, cp=8))
+    assert sorted(c.layout.strategy_label() for c in fixed) == sorted(
+        f"{s} {lay}"
+        for s in ("ring r8", "hybrid u2xr4", "hybrid u4xr2", "ulysses u8")
+        for lay in ("zigzag", "contig")
+    )
+
+
+def test_validity_reasons():
+    cands = {c.layout: c for c in enumerate_layouts(8, hf(heads=4, kv=2, layers=2), 24, pp_supported=True)}
+    assert cands[Layout(1, 1, 1, 8, 8, "contiguous")].reason.startswith(
+        "parallel.cp: num_attention_heads per tp rank (4/1 = 4) is not divisible by the ulysses degree 8"
+    )
+    assert cands[Layout(2, 4, 1, 1, 1, None)].reason.startswith("parallel.tp: num_key_value_heads=2")
+    assert cands[Layout(1, 1, 4, 2, 1, "zigzag")].reason == "parallel.pp: pp=4 exceeds num_hidden_layers=2"
+    # 24 tokens split into 2*8 zigzag chunks fails, 8 contiguous shards work.
+    assert cands[Layout(1, 1, 1, 8, 1, "zigzag")].reason.startswith(
+        "training.seq_len: 24 is not divisible by 2*cp"
+    )
+    assert cands[Layout(1, 1, 1, 8, 1, "contiguous")].reason is None
+    # 2 kv heads under ulysses 4 are replicated, which the trainer allows with a note.
+    rep = cands[Layout(2, 1, 1, 4, 4, "contiguous")]
+    assert rep.reason is None and "replicated 2x" in rep.notes[0]
+    tied = enumerate_layouts(2, hf(tie_word_embeddings=True), 64, pp_supported=True)
+    assert {c.reason for c in tied if c.layout.pp == 2} == {
+        "parallel.pp: tied input/output embeddings live on different stages"
+    }
+    # Every valid layout is accepted by the trainer's own ParallelDims.
+    for c in cands.values():
+        if c.reason is None:
+            pcfg = ParallelConfig(**c.layout.parallel_fields())
+            assert ParallelDims.from_config(pcfg, 8).cp == c.layout.cp
+
+
+# ---- memory -----------------------------------------------------------------------------------------
+
+SMALL = ModelShape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=100)
+
+
+def test_memory_arithmetic_exact():
+    work = Workload(seq_len=64, micro_batch_size=1, compute_bytes=2, loss_chunk=16)
+    mem = memory_breakdown(SMALL, Layout(1, 1, 1, 2, 1, "zigzag"), work)
+    # layer: q+o 2*64*4*16 = 8192, k+v 2*64*2*16 = 4096, mlp 3*64*128 = 24576, norms 128 -> 36992
+    # root: embedding + head 2*100*64 + final norm 64 = 12864; stage 2*36992 + 12864 = 86848, F = 2
+    assert (mem.params, mem.grads, mem.optimizer) == (4 * 43424, 4 * 43424, 8 * 43424)
+    # root 2*12864 + head grad 2*6400 + two gathered layers 2*2*36992 + one layer's grads (2+4)*36992
+    assert mem.gathered == 25728 + 12800 + 147968 + 221952
+    # per token: norms 2*(4+2)*64 = 768, q/k/v 2*(4+2*2)*16 = 256, out 2*2*4*16 = 256, lse 16,
+    # mlp 4*2*128 = 1024 -> 2320; T = 32: 2 layers + 1 working layer + final norm 6*64*32
+    assert mem.activations == 3 * 2320 * 32 + 12288
+    # fp32 out/dq 4*4*16 + lse 16 + dk/dv 8*2*16 = 528, ring: 2 kv blocks 4*2*2*16 + dkv 8*2*16 = 512
+    assert mem.attention == (528 + 512) * 32
+    assert mem.logits == 16 * 100 * (2 + 12)
+    assert mem.total == 2 * 173696 + 347392 + 408448 + 235008 + 33280
+
+
+def test_memory_monotonic():
+    shape = ModelShape.from_hf(hf_of(config(LLAMA_8B, 8192)))
+    lay = Layout(1, 1, 1, 8, 8, "zigzag")
+
+    def total(layout=lay, **kw):
+        base = dict(seq_len=65536, activation_checkpointing="none")
+        return memory_breakdown(shape, layout, Workload(**{**base, **kw})).total
+
+    assert total(seq_len=131072) > total() > total(seq_len=32768)
+    act = [
+        memory_breakdown(shape, Layout(8 // c, 1, 1, c, 1, "zigzag"), Workload(seq_len=65536)).activations
+        for c in (1, 2, 4, 8)
+    ]
+    assert act == sorted(act, reverse=True) and len(set(act)) == 4
+    assert (
+        total(activation_checkpointing="full")
+        < total(activation_checkpointing="selective")
+        < total(activation_checkpointing="none")
+    )
+    # Sharding more ways (dp x cp) shrinks the optimizer state; TP shrinks the layer activations.
+    assert memory_breakdown(shape, lay, Workload(seq_len=8192)).optimizer * 8 == pytest.approx(
+        memory_breakdown(shape, Layout(1, 1, 1, 1, 1, None), Workload(seq_len=8192)).optimizer, rel=1e-6
+    )
+    assert total(Layout(1, 2, 1, 4, 4, "zigzag")) < total(Layout(2, 1, 1, 4, 4, "zigzag"))
+
+
+# ---- cost and ranking -------------------------------------------------------------------------------
+
+
+def test_ranking_prefers_ulysses_on_nvlink_and_hybrid_when_heads_are_few():
+    cfg = config(LLAMA_8B, 131072, cp_strategy="auto", cp=8)
+    rows = plan_rows(cfg, 8, hf_of(cfg), fixed=dict(dp=1, tp=1, pp=1, cp=8))
+    assert rows[0].layout.strategy == "ulysses" and rows[0].fits
+    by = {r.layout.strategy_label(): r.time.tokens_per_s_per_gpu for r in rows}
+    assert by["ulysses u8 zigzag"] > by["ring r8 zigzag"] > by["ring r8 contig"]
+
+    few = dict(
+        LLAMA_8B, num_attention_heads=4, num_key_value_heads=4, hidden_size=512, intermediate_size=1536
+    )
+    cfg = config(few, 262144, cp_strategy="auto", cp=8)
+    rows = plan_rows(cfg, 8, hf_of(cfg), fixed=dict(dp=1, tp=1, pp=1, cp=8))
+    assert rows[0].layout.strategy_label() == "hybrid u4xr2 zigzag"
+    assert not next(r for r in rows if r.layout.strategy == "ulysses").valid
+
+
+def test_step_time_parts_and_node_boundaries():
+    shape = ModelShape.from_hf(hf_of(config(LLAMA_8B, 8192)))
+    work = Workload(seq_len=131072, activation_checkpointing="full")
+    uly = Layout(1, 1, 1, 16, 16, "zigzag")
+    assert group_spans(uly) == {"tp": 1, "ulysses": 16, "ring": 16, "fsdp": 16}
+    inside, across = (step_time(shape, uly, work, RATES, gpus_per_node=g) for g in (16, 8))
+    assert across.cp_comm > 10 * inside.cp_comm and across.matmul == inside.matmul
+    t = step_time(shape, Layout(2, 2, 2, 2, 1, "zigzag"), Workload(seq_len=16384, grad_accum=4), RATES)
+    assert t.tp_comm > 0 and t.pp_bubble > 0 and t.fsdp_comm > 0 and t.recompute > 0  # chunked loss
+    # 4 sequences in one pipeline pass as 4 microbatches: bubble = (pp-1)/m of the busy time.
+    assert t.pp_bubble == pytest.approx((t.total - t.pp_bubble) / 4)
+    none = step_time(shape, Layout(8, 1, 1, 1, 1, None), Workload(seq_len=2048), RATES)
+    assert none.cp_comm == none.tp_comm == none.pp_bubble == 0
+
+
+# ---- CLI, auto, calibration, comparison ------------------------------------------------------------
+
+
+def test_plan_cli_subprocess():
+    env = dict(os.environ, WORLD_SIZE="8")
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--plan", "--gpus-per-node", "4", "training.seq_len=1024"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "plan for 8 GPUs (4 per node)" in out and "tok/s/GPU" in out
+    assert "best: dp" in out and "use it: parallel.dp=" in out
+    assert "invalid layouts" in out and "num_key_value_heads=4 is not divisible by tp=8" in out
+
+
+def test_auto_resolution():
+    cfg = config(LLAMA_8B, 131072, cp_strategy="auto", cp=8)
+    out = resolve_auto(cfg, 8, hf_of(cfg))
+    p = out.parallel
+    assert (p.cp, p.cp_strategy, p.ulysses, p.auto) == (
+        8,
+        "ulysses",
+        1,
+        False,
+    ) and cfg.parallel.cp_strategy == "auto"
+    assert resolve_auto(out, 8, hf_of(cfg)) is out  # nothing left to resolve
+    dims = ParallelDims.from_config(p, 8)
+    assert dims.ulysses == 8
+
+    whole = config(LLAMA_8B, 131072, auto=True)
+    p = resolve_auto(whole, 8, hf_of(whole)).parallel
+    assert not p.auto and p.dp * p.tp * p.pp * p.cp == 8
+    best = plan_rows(whole, 8, hf_of(whole))[0].layout
+    assert (p.dp, p.tp, p.pp, p.cp, p.cp_strategy) == (best.dp, best.tp, best.pp, best.cp, best.strategy)
+
+    tiny = dataclasses.replace(whole, parallel=dataclasses.replace(whole.parallel, device_memory_gib=1.0))
+    with pytest.raises(ConfigError) as info:
+        resolve_auto(tiny, 8, hf_of(tiny))
+    assert info.value.key == "parallel.auto" and "no layout fits in 1 GiB/GPU" in str(info.value)
+
+    # The dry run resolves auto too, on the demo config.
+    demo = load_config(os.path.join(ROOT, "configs/demo.yaml"), ["parallel.cp_strategy=auto"])
+    assert dry_run(demo, 4).cp == 2
+
+
+def test_config_accepts_auto():
+    assert load_config(None, ["model.config={model_type: llama}", "parallel.cp_strategy=auto"])
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            None, ["model.config={model_type: llama}", "parallel.cp_strategy=auto", "parallel.ulysses=2"]
+        )
+    assert info.value.key == "parallel.ulysses"
+    # parallel.auto replaces cp, so a cp that does not divide seq_len is not an error yet.
+    assert load_config(None, ["model.config={model_type: llama}", "parallel.auto=true", "parallel.cp=3"])
+    with pytest.raises(ConfigError):
+        load_config(None, ["model.config={model_type: llama}", "parallel.gpus_per_node=0"])
+
+
+def test_calibration_and_comparison(tmp_path):
+    assert RATES.matmul_tflops == 753 and RATES.attention_rate(128) == 552 and RATES.attention_rate(64) == 445
+    assert 445 < RATES.attention_rate(96) < 552 and RATES.attention_rate(256) == 552
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"matmul_tflops": 1}))
+    with pytest.raises(ConfigError) as info:
+        load_rates(str(bad))
+    assert info.value.key == "parallel.plan_calibration" and "lacks" in info.value.reason
+    with pytest.raises(ConfigError):
+        load_rates(str(tmp_path / "missing.json"))
+
+    table = compare_with_measurements(
+        [
+            dict(
+                layout="dp1 cp8 ulysses",
+                pred_mem_gib=40.0,
+                meas_mem_gib=42.0,
+                pred_step_s=6.0,
+                meas_step_s=8.0,
+            ),
+            dict(layout="dp1 cp8 ring", pred_mem_gib=40.0, meas_mem_gib=None),
+        ]
+    )
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| layout |") and len(lines) == 4
+    assert "-5% ok" in lines[2] and "-25% off" in lines[2] and lines[3].count("| - |") >= 2
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU message only")
+def test_calibrate_needs_gpu(capsys):
+    from parallel.planner.calibrate import main
+
+    assert main(["--out", "unused.json"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().out
