@@ -129,7 +129,10 @@ def peer_step_fn(cfg, world: int):
     from torch.distributed.tensor.experimental import context_parallel
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import sdpa_attention
 
+    # cuDNN SDPA has no enable_gqa path: let HF repeat the kv heads itself (longctx expands them too).
+    sdpa_attention.use_gqa_in_sdpa = lambda *a, **k: False
     fields = dict(cfg.model.config)
     hf_cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(0)
@@ -152,7 +155,7 @@ def peer_step_fn(cfg, world: int):
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
         pos = torch.arange(seq, device="cuda")[None].contiguous()
         with (
-            sdpa_kernel(SDPBackend.CUDNN_ATTENTION),
+            sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]),
             context_parallel(mesh, buffers=[x, y, pos], buffer_seq_dims=[1, 1, 1]),
         ):
             logits = model(input_ids=x, position_ids=pos).logits

@@ -60,13 +60,21 @@ def merge_block(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor) -> None:
 
 
 def _forward_blocks(
-    q, k, v, blocks: list[Block], kernel: Kernel, scale: float, out: Tensor, lse: Tensor
+    q, k, v, blocks: list[Block], kernel: Kernel, scale: float, out: Tensor, lse: Tensor, fresh: bool
 ) -> None:
+    """Attend and merge each block; with `fresh` (nothing merged yet) a block's first write is a copy."""
+    written: list[tuple[int, int]] = []
     for b in blocks:
         o, lse_b = kernel.forward(
             q[:, :, b.q0 : b.q1], k[:, :, b.k0 : b.k1], v[:, :, b.k0 : b.k1], b.causal, scale
         )
-        merge_block(out[:, :, b.q0 : b.q1], lse[:, :, b.q0 : b.q1], o, lse_b)
+        rows = slice(b.q0, b.q1)
+        if fresh and not any(lo < b.q1 and b.q0 < hi for lo, hi in written):
+            out[:, :, rows].copy_(o)
+            lse[:, :, rows].copy_(lse_b)
+        else:
+            merge_block(out[:, :, rows], lse[:, :, rows], o, lse_b)
+        written.append((b.q0, b.q1))
 
 
 def _backward_blocks(dout, q, k, v, out, lse, blocks, kernel, scale, dq, dk, dv) -> None:
@@ -108,7 +116,7 @@ class RingAttention(torch.autograd.Function):
                 nxt, works = comm.start(kv)
             for rows, blocks in _per_batch(plans[step], b):
                 _forward_blocks(
-                    q[rows], cur_k[rows], cur_v[rows], blocks, kernel, scale, out[rows], lse[rows]
+                    q[rows], cur_k[rows], cur_v[rows], blocks, kernel, scale, out[rows], lse[rows], step == 0
                 )
             if step + 1 < comm.size:
                 comm.wait(works)
@@ -127,13 +135,16 @@ class RingAttention(torch.autograd.Function):
         dout = dout.contiguous()
         acc = torch.promote_types(q.dtype, torch.float32)
         dq = torch.zeros_like(q, dtype=acc)
-        # dK/dV of the block being visited, accumulated in fp32 by every rank it passes.
-        dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)
         kv = torch.stack([k, v]) if comm.size > 1 else None
         cur_k, cur_v = k, v
+        incoming = (
+            None  # (buffer, works): dK/dV of the block we visit next, on its way from the previous rank
+        )
         for step in range(comm.size):
             if step + 1 < comm.size:
                 nxt, works = comm.start(kv)
+            # This rank's contribution to the visiting block's dK/dV, accumulated in fp32.
+            dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)
             for rows, blocks in _per_batch(plans[step], b):
                 _backward_blocks(
                     dout[rows],
@@ -150,15 +161,20 @@ class RingAttention(torch.autograd.Function):
                     dkv[1][rows],
                 )
             if comm.size > 1:
-                # Hand this block's gradient on to the next rank; the one arriving belongs to the block we
-                # visit next - after the last step it is our own block, home after a full lap.
-                dkv_recv, dworks = comm.start(dkv)
+                if incoming is not None:
+                    # Waited only now, so the transfer overlapped this step's compute.
+                    comm.wait(incoming[1])
+                    dkv += incoming[0]
+                # Pass the block's gradient on; after the last step what arrives is our own block, home
+                # after a full lap.
+                incoming = comm.start(dkv)
                 if step + 1 < comm.size:
                     comm.wait(works)
                     kv = nxt
                     cur_k, cur_v = kv[0], kv[1]
-                comm.wait(dworks)
-                dkv = dkv_recv
+        if incoming is not None:
+            comm.wait(incoming[1])
+            dkv = incoming[0]
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 

@@ -1,0 +1,158 @@
+"""Longest sequence that trains one full step (fwd, bwd, AdamW) without OOM, for a model and CP layout.
+
+    python -m bench.max_context --model 8b --cp 2 --strategy ring --offload --lo 65536 --hi 1048576
+
+Each probe is a fresh `torchrun` (an OOM on one rank would otherwise leave the other stuck in a
+collective); a probe that fails or outlives --probe-timeout counts as too long. Binary search over
+multiples of --granularity; with --probes it just runs the given lengths and fits peak memory linearly in
+the length to estimate where it would reach the card's memory (an estimate, labelled as such).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+RESULT = "MAXCTX_RESULT "
+
+
+def probe_child(args) -> None:
+    import torch
+
+    from bench.common import init_dist
+    from bench.train import measure
+
+    rank, world = init_dist()
+    try:
+        row = measure(
+            args.model, args.probe, args.strategy, world, rank, warmup=0, steps=1, offload=args.offload
+        )
+        row["ok"] = True
+    except torch.OutOfMemoryError as e:
+        row = dict(ok=False, seq=args.probe, error=f"OOM: {str(e)[:160]}")
+    if rank == 0:
+        row["gpu_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+        print(RESULT + json.dumps(row), flush=True)
+    torch.distributed.destroy_process_group()
+
+
+def run_probe(args, seq: int) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(args.cp),
+        "-m",
+        "bench.max_context",
+        "--probe",
+        str(seq),
+        "--model",
+        args.model,
+        "--strategy",
+        args.strategy,
+    ]
+    if args.offload:
+        cmd.append("--offload")
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.probe_timeout)
+        out = res.stdout
+    except subprocess.TimeoutExpired:
+        return dict(ok=False, seq=seq, error=f"timeout after {args.probe_timeout}s")
+    for line in out.splitlines():
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT) :])
+    tail = (res.stderr or "").strip().splitlines()[-1:] or ["no output"]
+    return dict(ok=False, seq=seq, error=f"exit {res.returncode}: {tail[0][:160]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="8b")
+    ap.add_argument("--cp", type=int, default=2)
+    ap.add_argument("--strategy", default="ring", choices=["ring", "ulysses"])
+    ap.add_argument(
+        "--offload", action="store_true", help="parallel.fsdp_cpu_offload (params/grads/optimizer on CPU)"
+    )
+    ap.add_argument("--lo", type=int, default=65536)
+    ap.add_argument("--hi", type=int, default=1 << 20)
+    ap.add_argument("--granularity", type=int, default=32768)
+    ap.add_argument(
+        "--probes", type=int, nargs="*", default=None, help="run exactly these lengths, then extrapolate"
+    )
+    ap.add_argument("--probe-timeout", type=int, default=900)
+    ap.add_argument("--probe", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.probe is not None:
+        return probe_child(args)
+
+    results = []
+
+    def probe(seq):
+        r = run_probe(args, seq)
+        r.setdefault("seq", seq)
+        results.append(r)
+        print(
+            f"seq {seq:>8d}: "
+            + (
+                f"ok, step {r['step_s']:.1f} s, peak {r['peak_gib']:.1f} GiB"
+                if r["ok"]
+                else f"FAILED {r['error']}"
+            ),
+            flush=True,
+        )
+        return r["ok"]
+
+    best = None
+    if args.probes:
+        for s in args.probes:
+            if probe(s):
+                best = s
+    else:
+        g = args.granularity
+        lo, hi = args.lo // g, args.hi // g  # invariant: lo*g fits (checked first), hi*g is the upper bound
+        if probe(lo * g):
+            best = lo * g
+            if probe(hi * g):
+                best, lo = hi * g, hi
+            while hi - lo > 1 and best != hi * g:
+                mid = (lo + hi) // 2
+                if probe(mid * g):
+                    lo, best = mid, mid * g
+                else:
+                    hi = mid
+    ok = [r for r in results if r["ok"]]
+    estimate = None
+    if len(ok) >= 2:  # peak memory is linear in the length once weights are fixed: fit and extrapolate
+        (s0, m0), (s1, m1) = [(r["seq"], r["peak_gib"]) for r in sorted(ok, key=lambda r: r["seq"])[-2:]]
+        slope = (m1 - m0) / (s1 - s0)
+        limit = ok[-1].get("gpu_total_gib", 79.0) - 2.0
+        if slope > 0:
+            estimate = int(s1 + (limit - m1) / slope)
+    summary = dict(
+        date=datetime.date.today().isoformat(),
+        model=args.model,
+        cp=args.cp,
+        strategy=args.strategy,
+        offload=args.offload,
+        longest_ok=best,
+        linear_estimate=estimate,
+        probes=results,
+    )
+    print(
+        f"\n{args.model} cp={args.cp} {args.strategy} offload={args.offload}: longest measured step {best} tokens"
+        + (f"; linear memory fit reaches the card at ~{estimate} tokens (estimate)" if estimate else "")
+    )
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
