@@ -10,11 +10,13 @@ attached from outside (`cp_attention` spec, `ac_layers`, TP/FSDP wrappers).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 
 from models.loss import chunked_cross_entropy_sum
@@ -49,7 +51,13 @@ class CausalLMStage(nn.Module):
         self.cp: CPSpec | None = None
         self.doc_mask = True  # False: doc_ids (if passed) are ignored and attention is plain causal
         self.ac_layers: set[str] = set()
+        self.offload_activations = False
         self.loss_scale = 1.0  # set per step by the trainer: (fsdp world size) / (global valid tokens)
+
+    @staticmethod
+    def _layer(layer: nn.Module, h: torch.Tensor, **kwargs) -> torch.Tensor:
+        out = layer(h, attention_mask=None, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
 
     def forward(
         self,
@@ -71,15 +79,16 @@ class CausalLMStage(nn.Module):
 
             ctx = build_context(h.shape[1], layout="contiguous", doc_ids=docs)
         rope = self.model.rotary_emb(h, position_ids)
-        for name, layer in self.model.layers.items():
-            kwargs = dict(
-                attention_mask=None, position_ids=position_ids, position_embeddings=rope, cp_context=ctx
-            )
-            if name in self.ac_layers and torch.is_grad_enabled():
-                out = checkpoint(layer, h, use_reentrant=False, **kwargs)
-            else:
-                out = layer(h, **kwargs)
-            h = out[0] if isinstance(out, tuple) else out
+        # Activation offload: tensors saved for backward (with full AC: only the layer inputs) wait in
+        # pinned host memory instead of on the GPU.
+        offload = save_on_cpu(pin_memory=h.is_cuda) if self.offload_activations else contextlib.nullcontext()
+        with offload:
+            for name, layer in self.model.layers.items():
+                kwargs = dict(position_ids=position_ids, position_embeddings=rope, cp_context=ctx)
+                if name in self.ac_layers and torch.is_grad_enabled():
+                    h = checkpoint(self._layer, layer, h, use_reentrant=False, **kwargs)
+                else:
+                    h = self._layer(layer, h, **kwargs)
         if not self.is_last:
             return h, position_ids, doc_ids, labels
         h = self.model.norm(h)
@@ -89,6 +98,45 @@ class CausalLMStage(nn.Module):
         return (
             chunked_cross_entropy_sum(h, self.lm_head, labels, self.loss_chunk) * self.loss_scale
         ).reshape(1)
+
+
+class TiledMLP(nn.Module):
+    """A Llama-family MLP run over `chunks` slices of the sequence, each recomputed in backward, so the
+    [S, intermediate] activations exist for one slice at a time (the MLP is per token: same result).
+
+    It adopts the original MLP's submodules under the same names (`mlp.gate_proj.weight` stays
+    `mlp.gate_proj.weight`), so checkpoints and the HF export are unaffected, and runs the original
+    class's forward on each slice."""
+
+    def __init__(self, mlp: nn.Module, chunks: int):
+        super().__init__()
+        self._forward_one = type(mlp).forward
+        for name, child in mlp.named_children():
+            self.add_module(name, child)
+        for name, value in vars(mlp).items():
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)  # plain attributes the original forward reads (e.g. config)
+        self.chunks = chunks
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_one(self, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chunks <= 1 or x.shape[1] < self.chunks:
+            return self._one(x)
+        grad = torch.is_grad_enabled()
+        parts = [
+            checkpoint(self._one, p, use_reentrant=False) if grad else self._one(p)
+            for p in x.chunk(self.chunks, 1)
+        ]
+        return torch.cat(parts, dim=1)
+
+
+def tile_mlps(stage: CausalLMStage, chunks: int) -> None:
+    """Replace every decoder layer's MLP by a `TiledMLP` (before FSDP wraps the layers)."""
+    if chunks > 1:
+        for layer in stage.model.layers.values():
+            layer.mlp = TiledMLP(layer.mlp, chunks)
 
 
 def split_layers(n_layers: int, stages: int) -> list[tuple[int, int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch.distributed.device_mesh import DeviceMesh
 
-from models.causal_lm import CausalLMStage
+from models.causal_lm import CausalLMStage, tile_mlps
 from models.registry import DTYPES, register_family
 from parallel.ac import checkpointed_layers
 from parallel.cp.api import apply_cp, groups_for_strategy
@@ -25,7 +25,11 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
     layers = list(stage.model.layers.values())
     if dims.tp > 1:
         apply_tp(layers, sub_mesh(mesh, "tp"))
-    if dims.cp > 1:
+    if dims.cp == 1:
+        apply_cp(
+            stage, None, None, layout="contiguous", kernel=cfg.model.attn_kernel
+        )  # doc masks, kernel choice
+    else:
         ring, uly = groups_for_strategy(
             pcfg.cp_strategy,
             cp_group=sub_mesh(mesh, "cp").get_group(),
@@ -34,6 +38,8 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
         )
         apply_cp(stage, ring, uly, layout=pcfg.cp_layout, kernel=cfg.model.attn_kernel)
     stage.ac_layers = checkpointed_layers(list(stage.model.layers.keys()), pcfg.activation_checkpointing)
+    stage.offload_activations = pcfg.activation_offload
+    tile_mlps(stage, pcfg.mlp_chunks)
     if pcfg.compile:
         for layer in layers:
             layer.compile()

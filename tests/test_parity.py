@@ -78,6 +78,17 @@ LAYOUTS_4 = [
         ],
     ),
     ("dp2-cp2", "llama", ["parallel.dp=2", "parallel.cp=2"]),
+    (
+        "dp2-cp2-offload-tiled-mlp",
+        "llama",
+        [
+            "parallel.dp=2",
+            "parallel.cp=2",
+            "parallel.activation_offload=true",
+            "parallel.mlp_chunks=4",
+            "parallel.activation_checkpointing=full",
+        ],
+    ),
     ("tp2-cp2", "llama", ["parallel.tp=2", "parallel.cp=2"]),
     (
         "tp2-cp2-ulysses-accum2",

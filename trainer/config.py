@@ -107,6 +107,8 @@ class ParallelConfig:
     """none | full | selective (every other layer)."""
     activation_offload: bool = False
     """Offload saved activations to pinned CPU memory."""
+    mlp_chunks: int = 1
+    """Tile each MLP over the sequence in this many chunks (recomputed in backward) to cut its activation peak."""
     compile: bool = False
     """torch.compile each decoder layer."""
     fsdp_cpu_offload: bool = False
@@ -139,6 +141,8 @@ class TrainingConfig:
     """Skip up to this many steps whose loss or grad norm is NaN/inf before stopping."""
     loss_chunk: int = 4096
     """Tokens per chunk of the LM head + cross-entropy (full logits never materialise)."""
+    expandable_segments: bool = True
+    """CUDA allocator expandable segments (less fragmentation at long context); ignored on CPU."""
     device: str = "auto"
     """auto | cpu | cuda."""
 
@@ -385,7 +389,8 @@ _CHOICES = {
 }
 _POSITIVE = (
     "data.num_proc data.max_doc_tokens parallel.dp_replicate parallel.tp parallel.pp parallel.cp "
-    "parallel.ulysses parallel.pp_microbatches parallel.gpus_per_node training.seq_len training.micro_batch_size "
+    "parallel.ulysses parallel.pp_microbatches parallel.gpus_per_node parallel.mlp_chunks training.seq_len "
+    "training.micro_batch_size "
     "training.grad_accum training.steps training.loss_chunk logging.every"
 ).split()
 _NON_NEGATIVE = (

@@ -21,7 +21,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def pick_device(requested: str) -> torch.device:
+def pick_device(requested: str, expandable_segments: bool = True) -> torch.device:
+    if expandable_segments and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        # Must be set before the first CUDA allocation; a user's own setting wins.
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

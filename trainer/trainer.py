@@ -64,7 +64,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.device = distributed.pick_device(cfg.training.device)
+        self.device = distributed.pick_device(cfg.training.device, cfg.training.expandable_segments)
         self.rank, self.world = distributed.init_distributed(self.device)
         setup_logging(self.out, self.rank)
         # Everything that can reject the run does so before any weights or data are loaded.
