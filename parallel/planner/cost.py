@@ -5,11 +5,12 @@ T = m*Tm local tokens per pass and S = seq_len:
 
     matmul      6 * T * (Ls * P_mm/t + V*h) / matmul rate          (the LM head is replicated over tp)
     attention   3.5 * 2*S^2*a_r*d * Ls * sequences / c / rate(d)   causal fwd+bwd, x (2R-1)/R for a
-                contiguous ring (its last rank does twice the average work; zigzag is balanced)
+                contiguous ring (its last rank does twice the average work; zigzag is balanced), divided
+                by a block efficiency n/(n+512) for kernel calls of n query tokens (ring: Tm/2 per step)
     recompute   AC share x (layer forward matmul + attention forward) + the chunked loss' head forward
     cp comm     ring: per layer and step a KV block (2*b*Tm*k_r*d) hides behind that step's attention;
-                only the excess is exposed. The fp32 dK/dV block (8*Tm*k_r*d) is sent after the step's
-                backward compute (as parallel/cp/ring.py does), so it is always exposed.
+                only the excess is exposed. The fp32 dK/dV block (8*Tm*k_r*d) travels while the next
+                step computes (as parallel/cp/ring.py does); only its last hop is exposed.
                 Ulysses: 4 all-to-alls forward (q, k, v, out) and 4 backward, (U-1)/U of
                 b*Tm*(2*a_r + 2*k_r)*d bytes, never hidden.
     tp comm     2 all-reduces forward + 2 backward per layer of b*Tm*h bytes, 2*(t-1)/t of it on the wire
@@ -30,6 +31,8 @@ from dataclasses import asdict, dataclass
 from parallel.planner.calibration import DeviceRates
 from parallel.planner.enumerate import Layout
 from parallel.planner.memory import ModelShape, Workload, rank_view
+
+SMALL_BLOCK_TOKENS = 512  # assumed half-efficiency block length of the attention kernels
 
 PARTS = ("matmul", "attention", "recompute", "cp_comm", "tp_comm", "fsdp_comm", "pp_bubble")
 
@@ -87,7 +90,11 @@ def step_time(
     mm_head = 6 * rv.tokens * shape.vocab * h / mm_rate
     imbalance = (2 * layout.ring - 1) / layout.ring if layout.cp_layout == "contiguous" else 1.0
     attn_flops = 7 * rv.mb_seqs * m * work.seq_len**2 * rv.heads * d * ls / layout.cp
-    balanced = attn_flops / attn_rate
+    # Small kernel calls run below the calibrated rate (tile ramp-up, launch): efficiency n / (n + 512)
+    # for blocks of n query tokens - an assumption. A ring step attends a block of about Tm/2 queries to
+    # Tm/2 keys; Ulysses (and no CP) runs one call over the whole sequence of its group.
+    block = tm / 2 if layout.ring > 1 else tm * layout.ulysses
+    balanced = attn_flops / (attn_rate * block / (block + SMALL_BLOCK_TOKENS))
     attention = balanced * imbalance
     chunked = work.seq_len // layout.cp > max(1, work.loss_chunk // rv.mb_seqs)
     recompute = ac * (mm_layers / 3 + attention / 3.5) + (mm_head / 3 if chunked else 0.0)
@@ -102,7 +109,9 @@ def step_time(
         bwd_step = fwd_step * 2.5
         r = layout.ring
         cp_fwd += (r - 1) * max(0.0, kv - fwd_step)
-        cp_bwd += (r - 1) * max(0.0, kv - bwd_step) + r * dkv
+        # Backward: the next KV block and the previous step's dK/dV share the link under this step's
+        # compute; only the last dK/dV hop (home) has nothing to hide behind.
+        cp_bwd += (r - 1) * max(0.0, kv + dkv - bwd_step) + dkv
     if layout.ulysses > 1:
         u = layout.ulysses
         vol = b * tm * (2 * rv.heads + 2 * rv.kv_heads) * d * (u - 1) / u
