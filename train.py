@@ -1,6 +1,7 @@
 """longctx: long-context training with context parallelism.
 
-torchrun --nproc_per_node 4 train.py --config configs/demo.yaml [key=value ...] [--dry-run | --preprocess]
+torchrun --nproc_per_node 4 train.py --config configs/demo.yaml [key=value ...]
+                                     [--dry-run | --plan | --preprocess]
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ def run(cfg, flags) -> int:
         preprocess(cfg)
         return 0
     from trainer import distributed
+    from trainer.errors import USER_ERRORS, one_line
     from trainer.trainer import Trainer
 
     try:
         Trainer(cfg).train()
+    except USER_ERRORS as exc:  # bad data, checkpoint, path, non-finite loss: one line, no traceback
+        sys.stderr.write(f"error: {one_line(exc)}\n")
+        return 1
     finally:
         distributed.cleanup()
     return 0

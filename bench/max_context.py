@@ -14,6 +14,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -58,16 +59,21 @@ def run_probe(args, seq: int) -> dict:
     ]
     if args.offload:
         cmd.append("--offload")
+    # Own session, so a timed-out probe's ranks die with it instead of holding GPU memory for the next one.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.probe_timeout)
-        out = res.stdout
+        out, err = proc.communicate(timeout=args.probe_timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return dict(ok=False, seq=seq, error=f"timeout after {args.probe_timeout}s")
     for line in out.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT) :])
-    tail = (res.stderr or "").strip().splitlines()[-1:] or ["no output"]
-    return dict(ok=False, seq=seq, error=f"exit {res.returncode}: {tail[0][:160]}")
+    tail = (err or "").strip().splitlines()[-1:] or ["no output"]
+    return dict(ok=False, seq=seq, error=f"exit {proc.returncode}: {tail[0][:160]}")
 
 
 def main() -> None:

@@ -122,22 +122,32 @@ def longctx_step_fn(stage, cfg, world: int, rank: int):
     return step
 
 
+def _peer_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Plain causal SDPA for the peer: HF's own mask logic may build a mask under torch CP (non-monotonic
+    position ids look like packed documents), which no fused kernel accepts. kv heads are repeated as HF does
+    (cuDNN SDPA has no GQA path)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def peer_step_fn(cfg, world: int):
     """HF LlamaForCausalLM + FSDP2 + torch context_parallel (cuDNN SDPA) + HF checkpointing, full logits."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor.experimental import context_parallel
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.integrations import sdpa_attention
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+    from transformers.masking_utils import AttentionMaskInterface
 
-    # cuDNN SDPA has no enable_gqa path: let HF repeat the kv heads itself (longctx expands them too).
-    sdpa_attention.use_gqa_in_sdpa = lambda *a, **k: False
+    AttentionInterface.register("peer_sdpa", _peer_sdpa)
+    AttentionMaskInterface.register("peer_sdpa", lambda *a, **k: None)
     fields = dict(cfg.model.config)
     hf_cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32, attn_implementation="peer_sdpa")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
     model.config.use_cache = False
     mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("cp",))
@@ -155,7 +165,7 @@ def peer_step_fn(cfg, world: int):
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
         pos = torch.arange(seq, device="cuda")[None].contiguous()
         with (
-            sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]),
+            sdpa_kernel(SDPBackend.CUDNN_ATTENTION),
             context_parallel(mesh, buffers=[x, y, pos], buffer_seq_dims=[1, 1, 1]),
         ):
             logits = model(input_ids=x, position_ids=pos).logits

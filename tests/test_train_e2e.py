@@ -74,6 +74,25 @@ def _scenarios(rank, world, tmp):
     t.train()
     out["ref"] = [h["loss"] for h in t.history]
 
+    # Resume the finished run on other layouts (DCP reshards the weights and optimizer; the data
+    # position follows the global sample order): dp2·cp2 -> cp4 -> tp2·cp2 ulysses.
+    t = _make_trainer(_cfg(f"{tmp}/ref", cache, "parallel.dp=1", "parallel.cp=4", "training.steps=8"))
+    t.train()
+    out["reshard_cp4"] = [(h["step"], h["loss"]) for h in t.history]
+    t = _make_trainer(
+        _cfg(
+            f"{tmp}/ref",
+            cache,
+            "parallel.dp=1",
+            "parallel.tp=2",
+            "parallel.cp=2",
+            "parallel.cp_strategy=ulysses",
+            "training.steps=9",
+        )
+    )
+    t.train()
+    out["reshard_tp2"] = [(h["step"], h["loss"]) for h in t.history]
+
     # Crash before step 5 (checkpoints every 2 steps), then resume: steps 5 and 6 must be identical.
     cfg = _cfg(f"{tmp}/crash", cache, "checkpoint.interval=2")
     try:
@@ -141,6 +160,15 @@ def test_crash_and_resume_is_bitwise_identical(scenarios):
     assert len(out["ref"]) == 6
     assert out["crash_resumed_from"] == 5  # resumed from the step-4 checkpoint
     assert out["crash"] == out["ref"][4:]
+
+
+def test_resume_onto_other_layouts(scenarios):
+    out, _ = scenarios
+    assert [s for s, _ in out["reshard_cp4"]] == [7, 8]
+    assert [s for s, _ in out["reshard_tp2"]] == [9]
+    # Same weights and optimizer state carried over: training continues where it was, not from scratch.
+    for _, loss in out["reshard_cp4"] + out["reshard_tp2"]:
+        assert loss < out["ref"][-1] + 0.05  # keeps improving from where the run stopped
 
 
 def test_signal_saves_and_requeued_run_continues(scenarios):
@@ -213,6 +241,35 @@ def test_readme_demo_command(tmp_path):
     assert lines[-1]["loss"] < lines[0]["loss"] - 0.5  # visibly learning
     assert (out / "config.yaml").is_file() and (out / "hf" / "config.json").is_file()
     assert (out / "checkpoints" / "step_00000008" / "COMPLETE.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("output_dir=/etc/hostname/run", "error: output_dir /etc/hostname/run is not writable"),
+        ("model.tokenizer=/nonexistent/tok", "error: model.tokenizer: could not load '/nonexistent/tok'"),
+    ],
+)
+def test_bad_paths_fail_with_one_line(tmp_path, override, expect):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/demo.yaml",
+            "parallel.dp=1",
+            "parallel.cp=1",
+            f"output_dir={tmp_path}/out",
+            override,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert proc.returncode == 1 and len(errors) == 1 and errors[0].startswith(expect), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_bad_config_exits_2_with_one_line(tmp_path):

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from parallel.dims import ConfigError  # defined there so parallel/ needn't import trainer/
+from trainer.ds_config import ENGINES, OFFLOAD_DEVICES, validate_engine
 
 
 @dataclass
@@ -115,6 +116,8 @@ class ParallelConfig:
     """FSDP2 CPU offload of parameters, gradients and optimizer state."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)."""
+    engine: str = "fsdp2"
+    """fsdp2 (composes with TP/PP, DCP checkpoints) | deepspeed (ZeRO-1/2/3 + CPU offload over dp x cp; see the deepspeed section and docs/engines.md)."""
     gpus_per_node: int = 8
     """Planner: GPUs per node; groups within a node (innermost first: tp, ulysses, ring, dp, pp) get NVLink rates."""
     device_memory_gib: float | None = None
@@ -194,6 +197,20 @@ class LoggingConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 3
+    """parallel.engine=deepspeed: ZeRO stage 1 (optimizer states) | 2 (+ gradients) | 3 (+ parameters), partitioned over dp x cp."""
+    offload_optimizer: str = "none"
+    """none | cpu: keep optimizer states (and the fp32 master weights) in CPU memory and step them there (ZeRO-Offload)."""
+    offload_params: str = "none"
+    """none | cpu: keep parameter partitions in CPU memory between uses (ZeRO-Infinity style; needs zero_stage 3)."""
+    cpu_adam: bool = True
+    """With offload_optimizer=cpu: step with DeepSpeedCPUAdam (vectorised C++, JIT-built on first use) instead of torch AdamW; same AdamW math."""
+    config: str | None = None
+    """Path to a ds_config JSON merged with the derived values (micro batch, grad accumulation, clipping, precision, stage, offload); "auto" takes longctx's value, a different value is an error."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -202,6 +219,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output_dir: str = "outputs/run"
     """Everything a run writes goes under this directory."""
 
@@ -386,6 +404,9 @@ _CHOICES = {
     "training.device": ("auto", "cpu", "cuda"),
     "optim.scheduler": ("constant", "linear", "cosine"),
     "checkpoint.export_dtype": ("float32", "bfloat16"),
+    "parallel.engine": ENGINES,
+    "deepspeed.offload_optimizer": OFFLOAD_DEVICES,
+    "deepspeed.offload_params": OFFLOAD_DEVICES,
 }
 _POSITIVE = (
     "data.num_proc data.max_doc_tokens parallel.dp_replicate parallel.tp parallel.pp parallel.cp "
@@ -477,6 +498,9 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.output_dir:
         raise ConfigError("output_dir", "must not be empty")
+    if cfg.deepspeed.zero_stage not in (1, 2, 3):
+        raise ConfigError("deepspeed.zero_stage", f"must be 1 | 2 | 3, got {cfg.deepspeed.zero_stage}")
+    validate_engine(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------

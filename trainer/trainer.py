@@ -19,19 +19,16 @@ from parallel.dims import ParallelDims, sub_mesh, sub_rank_and_size
 from parallel.planner import resolve_auto
 from parallel.pp import Pipeline
 from trainer import distributed
-from trainer.checkpoint import Checkpointer, capture_rng_state, export_hf, restore_rng_state
+from trainer.checkpoint import Checkpointer, capture_rng_state, check_writable, export_hf, restore_rng_state
 from trainer.config import Config, ConfigError, config_to_dict, save_config
 from trainer.data import build_dataloader, load_tokenizer
+from trainer.errors import ModelLoadError, NonFiniteError, one_line
 from trainer.logging_utils import setup_logging
 from trainer.loss import clip_gradients, count_valid, global_grad_norm
 from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
 from trainer.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("longctx")
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -66,9 +63,14 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.device = distributed.pick_device(cfg.training.device, cfg.training.expandable_segments)
         self.rank, self.world = distributed.init_distributed(self.device)
+        check_writable(self.out)  # before anything is written or loaded: one line if it can't be
         setup_logging(self.out, self.rank)
         # Everything that can reject the run does so before any weights or data are loaded.
-        self.hf_config = load_hf_config(cfg.model.path, cfg.model.config)
+        try:
+            self.hf_config = load_hf_config(cfg.model.path, cfg.model.config)
+        except (OSError, ValueError) as exc:
+            key = "model.path" if cfg.model.path else "model.config"
+            raise ConfigError(key, f"cannot load the model config: {one_line(exc)}") from None
         cfg = self.cfg = resolve_auto(cfg, self.world, self.hf_config)  # no-op unless parallel.auto / cp auto
         self.dims = ParallelDims.from_config(cfg.parallel, self.world)
         for note in self.dims.validate_model(
@@ -143,7 +145,11 @@ class Trainer:
     def _build_model(self) -> CausalLMStage:
         cfg = self.cfg
         # fp32 master weights; FSDP's mixed-precision policy casts to model.dtype for compute.
-        hf = build_hf_model(cfg.model.path, cfg.model.config, dtype=torch.float32, seed=cfg.training.seed)
+        try:
+            hf = build_hf_model(cfg.model.path, cfg.model.config, dtype=torch.float32, seed=cfg.training.seed)
+        except (OSError, ValueError) as exc:
+            where = f"model.path {cfg.model.path!r}" if cfg.model.path else "model.config"
+            raise ModelLoadError(f"{where}: could not build the model: {one_line(exc)}") from None
         if self.device.type == "cuda":
             hf = hf.to(self.device)
         first, last = split_layers(self.hf_config.num_hidden_layers, self.dims.pp)[
