@@ -90,6 +90,7 @@ LAYOUTS_4 = [
         ],
     ),
     ("tp2-cp2", "llama", ["parallel.tp=2", "parallel.cp=2"]),
+    ("hsdp-replicate2-cp2", "llama", ["parallel.dp=2", "parallel.dp_replicate=2", "parallel.cp=2"]),
     (
         "tp2-cp2-ulysses-accum2",
         "llama",

@@ -131,7 +131,7 @@ def _check_scheduler(section: Any, source: str) -> None:
     if not isinstance(params, dict) or any(v != AUTO for v in params.values()):
         raise ConfigError(
             _KEY,
-            f'scheduler in {source} conflicts with optim.scheduler / optim.warmup_steps (longctx schedules '
+            f"scheduler in {source} conflicts with optim.scheduler / optim.warmup_steps (longctx schedules "
             'the learning rate); remove the scheduler section or set all its params to "auto"',
         )
 
@@ -181,7 +181,9 @@ def build_ds_config(cfg: Any, dp_cp_size: int | None = None) -> dict[str, Any]:
         del merged["train_batch_size"]
     leftover = _find_auto(merged)
     if leftover:
-        raise ConfigError(_KEY, f'{leftover} is "auto" in {source} but longctx derives no value for it; set one')
+        raise ConfigError(
+            _KEY, f'{leftover} is "auto" in {source} but longctx derives no value for it; set one'
+        )
     merged.setdefault("steps_per_print", _QUIET_STEPS)
     merged.setdefault("wall_clock_breakdown", False)
     # longctx passes its own optimizer (torch AdamW or DeepSpeedCPUAdam): let DeepSpeed take either.

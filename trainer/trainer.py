@@ -133,7 +133,14 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         self.model = self._build_model()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.ds = None  # parallel.engine=deepspeed: the engine owns reduction, clipping, step, checkpoints
+        if cfg.parallel.engine == "deepspeed":
+            from trainer.ds_engine import DeepSpeedRunner
+
+            self.ds = DeepSpeedRunner(cfg, self.model, self.mesh, self.device, self.checkpointer)
+            self.optimizer, self.checkpointer = self.ds.optimizer, self.ds.checkpointer
+        else:
+            self.optimizer = build_optimizer(self.params, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.training.steps)
         self.loader = build_dataloader(cfg, self.tokenizer, self.dp_rank, self.dp_size, rank=self.rank)
         self.step = 0
@@ -158,7 +165,12 @@ class Trainer:
         stage = CausalLMStage(hf, first, last, loss_chunk=cfg.training.loss_chunk)
         del hf  # layers of other pipeline stages are freed with it
         stage.doc_mask = cfg.data.doc_mask
-        self.family.parallelize(stage, self.mesh, self.dims, cfg)
+        if cfg.parallel.engine == "deepspeed":  # CP and memory switches only: ZeRO wraps the stage later
+            from trainer.ds_engine import parallelize_for_deepspeed
+
+            parallelize_for_deepspeed(stage, self.mesh, self.dims, cfg)
+        else:
+            self.family.parallelize(stage, self.mesh, self.dims, cfg)
         stage.train()
         self.pipeline = None
         if self.dims.pp > 1:
@@ -184,6 +196,14 @@ class Trainer:
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
         cfg = self.cfg
+        if self.ds is not None:
+            loss, norm, skipped = self.ds.train_step(batches, self.step, self.skipped_steps)
+            self.skipped_steps += int(skipped)
+            self.scheduler.step()
+            tokens = (
+                cfg.training.seq_len * cfg.training.micro_batch_size * cfg.training.grad_accum * self.dp_size
+            )
+            return StepResult(loss, norm, tokens, skipped)
         global_valid = count_valid(batches, self.dp_group)
         self.model.loss_scale = self.fsdp_size / max(global_valid, 1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -313,7 +333,11 @@ class Trainer:
                     return last
             self.save()
             self.checkpointer.wait()
-            if cfg.checkpoint.export_hf:
+            if cfg.checkpoint.export_hf and self.ds is not None:
+                self.ds.export_hf(
+                    self.hf_config, self.tokenizer, self.out / "hf", cfg.checkpoint.export_dtype
+                )
+            elif cfg.checkpoint.export_hf:
                 export_hf(
                     [self.model], self.hf_config, self.tokenizer, self.out / "hf", cfg.checkpoint.export_dtype
                 )

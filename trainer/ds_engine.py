@@ -1,0 +1,356 @@
+"""DeepSpeed ZeRO-1/2/3 (+ CPU offload) as the data-parallel engine in place of FSDP2, for dp x cp layouts.
+
+The stage gets CP attention exactly as on the FSDP2 path, then `deepspeed.initialize` wraps it with a
+data-parallel group of dp x cp ranks (the mesh's flattened "dp_cp" dimension): CP ranks hold the same
+weights, so ZeRO partitions over them like over extra dp ranks. Scaling is the FSDP2 path's: each rank
+back-propagates (token-loss sum) * dp_cp / (global valid tokens) and DeepSpeed averages gradients over the
+dp_cp ranks, which yields the exact global-batch mean. The trainer already normalises over all gradient
+accumulation micro-batches, so backward runs with `scale_wrt_gas=False`. Clipping, the grad norm (before
+clipping) and the skip of non-finite steps happen inside DeepSpeed's step; the LambdaLR schedule stays
+longctx's. Checkpoints use DeepSpeed's own files inside longctx's atomic `step_<N>` directories.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from models.causal_lm import CausalLMStage, tile_mlps
+from parallel.ac import checkpointed_layers
+from parallel.cp.api import apply_cp, groups_for_strategy
+from parallel.cp.sharding import shard_batch
+from parallel.dims import ConfigError, ParallelDims, sub_mesh, sub_rank_and_size
+from trainer.checkpoint import (
+    MARKER,
+    TRAIN_STATE,
+    Checkpointer,
+    CheckpointError,
+    _agreed,
+    _all_ok,
+    _barrier,
+    _first_line,
+    _fresh_dir,
+    _rank,
+    _schedulers,
+    _world,
+)
+from trainer.ds_config import build_ds_config
+from trainer.errors import NonFiniteError
+from trainer.loss import count_valid
+from trainer.optim import build_optimizer
+
+log = logging.getLogger("longctx")
+ENGINE = "deepspeed"
+
+
+def import_deepspeed() -> Any:
+    """deepspeed, quietened (longctx logs its own metrics); ConfigError naming the key if not installed."""
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ConfigError(
+            "parallel.engine",
+            f"deepspeed is not importable ({exc}); install it with `pip install -e .[deepspeed]` "
+            "or use parallel.engine=fsdp2",
+        ) from None
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+class ZeroGroups:
+    """The model-parallel unit (`mpu`) handed to DeepSpeed: data parallel = dp x cp, no model parallelism.
+
+    DeepSpeed partitions ZeRO state, reduces gradients and averages them over `get_data_parallel_group()`;
+    the model-parallel queries answer with the mesh's size-1 tp group.
+    """
+
+    def __init__(self, dp_cp_group: dist.ProcessGroup, single_group: dist.ProcessGroup) -> None:
+        self._dp = dp_cp_group
+        self._single = single_group
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self._dp
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.get_world_size(self._dp)
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self._dp)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self._dp)
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self._single
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+
+def check_layout(dims: ParallelDims) -> None:
+    """The deepspeed engine runs dp x cp meshes only (config validation says so first; this guards the API)."""
+    if dims.tp > 1 or dims.pp > 1 or dims.dp_replicate > 1:
+        raise ConfigError(
+            "parallel.engine",
+            f"deepspeed supports dp x cp layouts only (got tp={dims.tp}, pp={dims.pp}, "
+            f"dp_replicate={dims.dp_replicate}); use parallel.engine=fsdp2 for TP, PP and HSDP",
+        )
+
+
+def parallelize_for_deepspeed(
+    stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims, cfg: Any
+) -> CausalLMStage:
+    """CP attention, activation checkpointing, MLP tiling and compile as `parallelize_llama` applies them,
+    without TP (not supported here) and without FSDP (DeepSpeed wraps the stage afterwards)."""
+    check_layout(dims)
+    pcfg = cfg.parallel
+    if dims.cp == 1:
+        apply_cp(stage, None, None, layout="contiguous", kernel=cfg.model.attn_kernel)
+    else:
+        ring, uly = groups_for_strategy(
+            pcfg.cp_strategy,
+            cp_group=sub_mesh(mesh, "cp").get_group(),
+            ring_group=sub_mesh(mesh, "ring").get_group(),
+            ulysses_group=sub_mesh(mesh, "ulysses").get_group(),
+        )
+        apply_cp(stage, ring, uly, layout=pcfg.cp_layout, kernel=cfg.model.attn_kernel)
+    stage.ac_layers = checkpointed_layers(list(stage.model.layers.keys()), pcfg.activation_checkpointing)
+    stage.offload_activations = pcfg.activation_offload
+    tile_mlps(stage, pcfg.mlp_chunks)
+    if pcfg.compile:
+        for layer in stage.model.layers.values():
+            layer.compile()
+    return stage
+
+
+def _build_optimizer(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
+    d, o = cfg.deepspeed, cfg.optim
+    if d.offload_optimizer == "cpu" and d.cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        log.info("deepspeed: DeepSpeedCPUAdam for the offloaded optimizer (JIT-built on first use)")
+        return DeepSpeedCPUAdam(
+            params,
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            adamw_mode=True,
+        )
+    return build_optimizer(params, o)
+
+
+class DeepSpeedRunner:
+    """The DeepSpeed engine around one CausalLMStage, with the trainer's step, checkpoint and export."""
+
+    def __init__(
+        self, cfg: Any, stage: CausalLMStage, mesh: DeviceMesh, device: torch.device, base: Checkpointer
+    ) -> None:
+        deepspeed = import_deepspeed()
+        self.cfg = cfg
+        self.stage = stage
+        self.dp_group = sub_mesh(mesh, "dp").get_group()
+        self.dp_cp_group = sub_mesh(mesh, "dp_cp").get_group()
+        self.dp_cp_size = dist.get_world_size(self.dp_cp_group)
+        self.cp_rank, self.cp_size = sub_rank_and_size(mesh, "cp")
+        self.ds_config = build_ds_config(cfg, self.dp_cp_size)
+        if cfg.deepspeed.zero_stage == 3 and stage.lm_head is not None:
+            # The chunked loss reads lm_head.weight directly (never calls lm_head): ZeRO-3 must gather it
+            # for the stage's own forward and backward.
+            deepspeed.zero.register_external_parameter(stage, stage.lm_head.weight)
+        params = [p for p in stage.parameters() if p.requires_grad]
+        self.optimizer = _build_optimizer(params, cfg)
+        groups = ZeroGroups(self.dp_cp_group, sub_mesh(mesh, "tp").get_group())
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=stage, optimizer=self.optimizer, config=self.ds_config, mpu=groups, dist_init_required=False
+        )
+        self.device = device
+        self.checkpointer = DeepSpeedCheckpointer(self.engine, base)
+        d = cfg.deepspeed
+        log.info(
+            "deepspeed engine: ZeRO-%d over dp x cp = %d ranks, offload optimizer=%s params=%s%s",
+            d.zero_stage,
+            self.dp_cp_size,
+            d.offload_optimizer,
+            d.offload_params,
+            f", user config {d.config}" if d.config else "",
+        )
+
+    # ---- one optimizer step ---------------------------------------------------------------------
+    def train_step(
+        self, batches: list[dict[str, torch.Tensor]], step: int, skipped_so_far: int
+    ) -> tuple[float, float, bool]:
+        """Forward/backward every micro-batch and step; returns (loss, grad norm before clipping, skipped).
+
+        Raises NonFiniteError when the loss or grad norm is NaN/inf and training.skip_nonfinite is used up.
+        DeepSpeed has already discarded the update of such a step (fp32, ZeRO-3, bf16 check_grad_overflow).
+        """
+        cfg = self.cfg
+        global_valid = count_valid(batches, self.dp_group)
+        self.stage.loss_scale = self.dp_cp_size / max(global_valid, 1)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in batches:
+            local = shard_batch(batch, self.cp_size, self.cp_rank, cfg.parallel.cp_layout)
+            b = {k: v.to(self.device, non_blocking=True) for k, v in local.items()}
+            loss = self.engine(b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"]).sum()
+            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.step()  # DeepSpeed only reduces and updates at the accumulation boundary
+            loss_sum += loss.detach().double()
+        dist.all_reduce(loss_sum, group=self.dp_cp_group)
+        loss_value = (loss_sum / self.dp_cp_size).item()
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float("nan") if norm is None else float(norm)
+        finite = torch.tensor([float(_finite(loss_value) and _finite(grad_norm))], device=self.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() == 1.0:
+            return loss_value, grad_norm, False
+        if skipped_so_far >= cfg.training.skip_nonfinite:
+            raise NonFiniteError(
+                f"non-finite loss or grad norm at step {step + 1} (loss {loss_value}, grad_norm {grad_norm}); "
+                f"training.skip_nonfinite={cfg.training.skip_nonfinite} skips exhausted"
+            )
+        log.warning("skipping step %d: non-finite loss/grad norm (DeepSpeed discarded the update)", step + 1)
+        return loss_value, grad_norm, True
+
+    # ---- HF export --------------------------------------------------------------------------------
+    def export_hf(self, hf_config: Any, tokenizer: Any, out_dir: str | os.PathLike, dtype: str) -> Path:
+        """Collective. Write the fp32 master weights (gathered one parameter at a time, whatever the ZeRO
+        stage or offload) as `from_pretrained`-loadable safetensors in `dtype`; rank 0 writes."""
+        from deepspeed.utils import safe_get_full_fp32_param
+        from safetensors.torch import save_file
+
+        out, dt = Path(out_dir), getattr(torch, dtype)
+        state: dict[str, torch.Tensor] = {}
+        for name, param in self.stage.named_parameters():  # HF names; a tied lm_head appears once
+            full = safe_get_full_fp32_param(param)
+            if full is None:  # frozen or not managed by the optimizer: the module holds it whole
+                full = param.detach()
+            if _rank() == 0:
+                state[name] = full.detach().to(device="cpu", dtype=dt).contiguous().clone()
+
+        def write() -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+            config = hf_config.__class__.from_dict(hf_config.to_dict())
+            config.dtype = dt
+            config.save_pretrained(out)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out)
+
+        _agreed(write, f"HF export to {out} failed", rank0_only=True)
+        log.info("exported HF model (%s) to %s", dtype, out)
+        return out
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+class DeepSpeedCheckpointer(Checkpointer):
+    """`Checkpointer` whose model and optimizer state go through DeepSpeed's save/load_checkpoint.
+
+    Same directory protocol (step_<N>.tmp -> COMPLETE.json -> rename, keep-k, resume: auto) and the same
+    longctx files: train_state.pt (step, scheduler) and extra_rank<R>.pt (data position, RNG, counters);
+    DeepSpeed's files (mp_rank_00_model_states.pt, *_optim_states.pt) sit next to them. The marker's
+    layout records engine=deepspeed so neither engine mistakes the other's checkpoint for its own.
+    """
+
+    def __init__(self, engine: Any, base: Checkpointer) -> None:
+        super().__init__(base.cfg, base.output_dir, layout={**base.layout, "engine": ENGINE})
+        self.model_hash = base.model_hash
+        self.engine = engine
+
+    def save(
+        self, step: int, model_parts: Any, optimizer: Any, scheduler: Any, extra_state: dict | None = None
+    ) -> Path:
+        """Collective; model_parts/optimizer are the engine's (kept for the Checkpointer signature)."""
+        final = self.root / f"step_{step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        _agreed(lambda: _fresh_dir(tmp), f"cannot create checkpoint dir {tmp}", rank0_only=True)
+
+        def write_local() -> None:
+            torch.save(extra_state or {}, tmp / f"extra_rank{_rank()}.pt")
+            if _rank() == 0:
+                scheds = [s.state_dict() for s in _schedulers(scheduler)]
+                torch.save({"step": step, "schedulers": scheds}, tmp / TRAIN_STATE)
+
+        _agreed(write_local, f"saving checkpoint {tmp} failed")
+        ok, err = True, "failed on another rank"
+        try:
+            self.engine.save_checkpoint(
+                str(self.root), tag=tmp.name, client_state={"longctx_step": step}, save_latest=False
+            )
+        except Exception as exc:  # noqa: BLE001 - reported collectively, as one line
+            ok, err = False, _first_line(exc)
+        if not _all_ok(ok):
+            raise CheckpointError(f"saving checkpoint {tmp} failed: {err}")
+        self._finalize(step, tmp)
+        return final
+
+    def load(
+        self, path: str | os.PathLike, model_parts: Any, optimizer: Any, scheduler: Any
+    ) -> tuple[int, dict]:
+        """Collective. Load a complete deepspeed-engine checkpoint saved with the same number of ranks."""
+        path = Path(path)
+        try:
+            marker = json.loads((path / MARKER).read_text())
+            train_state = torch.load(path / TRAIN_STATE, weights_only=False)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {path} is corrupt or incomplete: {_first_line(exc)}") from None
+        engine = (marker.get("layout") or {}).get("engine", "fsdp2")
+        if engine != ENGINE:
+            raise CheckpointError(
+                f"checkpoint {path} was written by the {engine} engine; parallel.engine=deepspeed cannot load "
+                f"it (resume with parallel.engine={engine}, or start fresh with checkpoint.resume=none)"
+            )
+        if marker.get("world_size") != _world():
+            raise CheckpointError(
+                f"checkpoint {path} holds ZeRO partitions of {marker.get('world_size')} ranks, this run has "
+                f"{_world()}: DeepSpeed cannot reshard them; resume on {marker.get('world_size')} ranks "
+                "(or convert it with DeepSpeed's ds_to_universal and load that as a universal checkpoint)"
+            )
+        if self.model_hash and marker.get("model_config_hash") not in (None, self.model_hash):
+            log.warning("checkpoint %s was saved with a different model config (hash differs)", path)
+        ok, err, loaded = True, "failed on another rank", None
+        try:
+            loaded, _ = self.engine.load_checkpoint(
+                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+            if loaded is None:
+                raise FileNotFoundError("DeepSpeed found no model states in it")
+        except Exception as exc:  # noqa: BLE001
+            ok, err = False, _first_line(exc)
+        if not _all_ok(ok):
+            raise CheckpointError(f"loading checkpoint {path} failed: {err}")
+        for sched, sd in zip(_schedulers(scheduler), train_state["schedulers"]):
+            sched.load_state_dict(sd)
+        extra_file = path / f"extra_rank{_rank()}.pt"
+        try:
+            extra = torch.load(extra_file, weights_only=False)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(
+                f"checkpoint {path}: cannot read {extra_file.name}: {_first_line(exc)}"
+            ) from None
+        _barrier()
+        self.saved_layout = marker
+        log.info("resumed from %s (step %d, deepspeed engine)", path, marker["step"])
+        return int(marker["step"]), extra
