@@ -37,7 +37,7 @@ def longctx_attention(
         raise ValueError("longctx attention does not implement attention dropout; set attention_dropout=0")
     if cp_context is None:
         cp_context = build_context(query.shape[2], layout="contiguous")
-    out = attend(query, key, value, cp_context, scaling)
+    out = attend(query, key, value, cp_context, scaling, key=getattr(module, "layer_idx", None))
     return out.transpose(1, 2).contiguous(), None
 
 

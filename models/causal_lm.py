@@ -52,6 +52,7 @@ class CausalLMStage(nn.Module):
         self.doc_mask = True  # False: doc_ids (if passed) are ignored and attention is plain causal
         self.ac_layers: set[str] = set()
         self.offload_activations = False
+        self.keep_attention = False  # with checkpointed layers: reuse attention outputs in the recompute
         self.loss_scale = 1.0  # set per step by the trainer: (fsdp world size) / (global valid tokens)
 
     @staticmethod
@@ -78,6 +79,8 @@ class CausalLMStage(nn.Module):
             from parallel.cp.api import build_context  # single device: documents still must not mix
 
             ctx = build_context(h.shape[1], layout="contiguous", doc_ids=docs)
+        if ctx is not None and self.keep_attention and torch.is_grad_enabled():
+            ctx.keep = {}
         rope = self.model.rotary_emb(h, position_ids)
         # Activation offload: tensors saved for backward (with full AC: only the layer inputs) wait in
         # pinned host memory instead of on the GPU.

@@ -12,7 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from models.causal_lm import CausalLMStage, tile_mlps
 from models.registry import DTYPES, register_family
-from parallel.ac import checkpointed_layers
+from parallel.ac import checkpointed_layers, keeps_attention
 from parallel.cp.api import apply_cp, groups_for_strategy
 from parallel.dims import ParallelDims, sub_mesh
 from parallel.fsdp import apply_fsdp
@@ -38,6 +38,7 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
         )
         apply_cp(stage, ring, uly, layout=pcfg.cp_layout, kernel=cfg.model.attn_kernel)
     stage.ac_layers = checkpointed_layers(list(stage.model.layers.keys()), pcfg.activation_checkpointing)
+    stage.keep_attention = keeps_attention(pcfg.activation_checkpointing)
     stage.offload_activations = pcfg.activation_offload
     tile_mlps(stage, pcfg.mlp_chunks)
     if pcfg.compile:

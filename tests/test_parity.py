@@ -63,6 +63,16 @@ MODELS = {
 
 # (name, model, world, overrides)
 LAYOUTS_4 = [
+    (
+        "cp4-hybrid-keep-attn",
+        "llama",
+        [
+            "parallel.cp=4",
+            "parallel.cp_strategy=hybrid",
+            "parallel.ulysses=2",
+            "parallel.activation_checkpointing=full_keep_attn",
+        ],
+    ),
     ("cp4-ring-zigzag", "llama", ["parallel.cp=4", "parallel.cp_strategy=ring"]),
     ("cp4-ring-contiguous", "llama", ["parallel.cp=4", "parallel.cp_layout=contiguous"]),
     ("cp4-ulysses", "llama", ["parallel.cp=4", "parallel.cp_strategy=ulysses"]),

@@ -105,7 +105,7 @@ class ParallelConfig:
     pp_microbatches: int | None = None
     """Microbatches per pipeline step; default = pp."""
     activation_checkpointing: str = "none"
-    """none | full | selective (every other layer)."""
+    """none | full | selective (every other layer) | full_keep_attn (full, but attention outputs are kept, not recomputed)."""
     activation_offload: bool = False
     """Offload saved activations to pinned CPU memory."""
     mlp_chunks: int = 1
@@ -400,7 +400,7 @@ _CHOICES = {
     "parallel.cp_strategy": ("ring", "ulysses", "hybrid", "auto"),
     "parallel.cp_layout": ("zigzag", "contiguous"),
     "parallel.pp_schedule": ("1F1B", "GPipe"),
-    "parallel.activation_checkpointing": ("none", "full", "selective"),
+    "parallel.activation_checkpointing": ("none", "full", "selective", "full_keep_attn"),
     "training.device": ("auto", "cpu", "cuda"),
     "optim.scheduler": ("constant", "linear", "cosine"),
     "checkpoint.export_dtype": ("float32", "bfloat16"),

@@ -40,19 +40,34 @@ def read_user_config(path: str) -> dict[str, Any]:
     return data
 
 
-def derived_values(cfg: Any) -> list[tuple[str, Any, str]]:
-    """(ds_config dotted path, value, the longctx key it comes from) for every value longctx decides."""
-    t, d = cfg.training, cfg.deepspeed
-    bf16 = cfg.model.dtype == "bfloat16"
+def derived_values(cfg: Any) -> list[tuple[str, Any, str, Any]]:
+    """(ds_config dotted path, its value, the longctx key it comes from, that key's value) for every value
+    longctx decides."""
+    t, d, dtype = cfg.training, cfg.deepspeed, cfg.model.dtype
     return [
-        ("train_micro_batch_size_per_gpu", t.micro_batch_size, "training.micro_batch_size"),
-        ("gradient_accumulation_steps", t.grad_accum, "training.grad_accum"),
-        ("gradient_clipping", t.max_grad_norm, "training.max_grad_norm"),
-        ("bf16.enabled", bf16, "model.dtype"),
-        ("fp16.enabled", False, "model.dtype"),
-        ("zero_optimization.stage", d.zero_stage, "deepspeed.zero_stage"),
-        ("zero_optimization.offload_optimizer.device", d.offload_optimizer, "deepspeed.offload_optimizer"),
-        ("zero_optimization.offload_param.device", d.offload_params, "deepspeed.offload_params"),
+        (
+            "train_micro_batch_size_per_gpu",
+            t.micro_batch_size,
+            "training.micro_batch_size",
+            t.micro_batch_size,
+        ),
+        ("gradient_accumulation_steps", t.grad_accum, "training.grad_accum", t.grad_accum),
+        ("gradient_clipping", t.max_grad_norm, "training.max_grad_norm", t.max_grad_norm),
+        ("bf16.enabled", dtype == "bfloat16", "model.dtype", dtype),
+        ("fp16.enabled", False, "model.dtype", dtype),
+        ("zero_optimization.stage", d.zero_stage, "deepspeed.zero_stage", d.zero_stage),
+        (
+            "zero_optimization.offload_optimizer.device",
+            d.offload_optimizer,
+            "deepspeed.offload_optimizer",
+            d.offload_optimizer,
+        ),
+        (
+            "zero_optimization.offload_param.device",
+            d.offload_params,
+            "deepspeed.offload_params",
+            d.offload_params,
+        ),
     ]
 
 
@@ -157,10 +172,10 @@ def build_ds_config(cfg: Any, dp_cp_size: int | None = None) -> dict[str, Any]:
     for section, check in (("optimizer", _check_optimizer), ("scheduler", _check_scheduler)):
         if section in merged:
             check(merged.pop(section), *((cfg, source) if section == "optimizer" else (source,)))
-    for path, ours, key in derived_values(cfg):
+    for path, ours, key, shown in derived_values(cfg):
         present, value = _lookup(merged, path)
         if present and value != AUTO and not _same(value, ours):
-            raise _conflict(path, value, key, ours, source)
+            raise _conflict(path, value, key, shown, source)
         _assign(merged, path, ours)
     # DeepSpeed's train_batch_size counts samples over its whole data-parallel group (dp x cp here,
     # although CP ranks share their samples): micro x accumulation x dp x cp.

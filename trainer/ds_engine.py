@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from models.causal_lm import CausalLMStage, tile_mlps
-from parallel.ac import checkpointed_layers
+from parallel.ac import checkpointed_layers, keeps_attention
 from parallel.cp.api import apply_cp, groups_for_strategy
 from parallel.cp.sharding import shard_batch
 from parallel.dims import ConfigError, ParallelDims, sub_mesh, sub_rank_and_size
@@ -120,7 +120,8 @@ def parallelize_for_deepspeed(
     stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims, cfg: Any
 ) -> CausalLMStage:
     """CP attention, activation checkpointing, MLP tiling and compile as `parallelize_llama` applies them,
-    without TP (not supported here) and without FSDP (DeepSpeed wraps the stage afterwards)."""
+    without TP (not supported here) and without FSDP (DeepSpeed wraps the stage afterwards).
+    Keep in step with models/parallelize.py (or let it skip apply_fsdp when parallel.engine != fsdp2)."""
     check_layout(dims)
     pcfg = cfg.parallel
     if dims.cp == 1:
@@ -134,6 +135,7 @@ def parallelize_for_deepspeed(
         )
         apply_cp(stage, ring, uly, layout=pcfg.cp_layout, kernel=cfg.model.attn_kernel)
     stage.ac_layers = checkpointed_layers(list(stage.model.layers.keys()), pcfg.activation_checkpointing)
+    stage.keep_attention = keeps_attention(pcfg.activation_checkpointing)
     stage.offload_activations = pcfg.activation_offload
     tile_mlps(stage, pcfg.mlp_chunks)
     if pcfg.compile:
@@ -325,8 +327,8 @@ class DeepSpeedCheckpointer(Checkpointer):
         if marker.get("world_size") != _world():
             raise CheckpointError(
                 f"checkpoint {path} holds ZeRO partitions of {marker.get('world_size')} ranks, this run has "
-                f"{_world()}: DeepSpeed cannot reshard them; resume on {marker.get('world_size')} ranks "
-                "(or convert it with DeepSpeed's ds_to_universal and load that as a universal checkpoint)"
+                f"{_world()}: the deepspeed engine resumes on the same number of ranks only "
+                f"({marker.get('world_size')}); parallel.engine=fsdp2 checkpoints reshard"
             )
         if self.model_hash and marker.get("model_config_hash") not in (None, self.model_hash):
             log.warning("checkpoint %s was saved with a different model config (hash differs)", path)

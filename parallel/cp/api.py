@@ -39,12 +39,15 @@ class CPContext:
     ulysses_group: dist.ProcessGroup | None
     ulysses_size: int
     plans: list[list[list[Block]]]  # [ring step][one shared plan | one per batch row][blocks]
-    order: Tensor | None  # after the Ulysses exchange: sort tokens by global position
-    restore: Tensor | None  # inverse of `order`
+    order: list[tuple[int, int]] | None  # after the Ulysses exchange: slices that sort tokens by position
+    restore: list[tuple[int, int]] | None  # the slices that undo `order`
     seq_len: int
     layout: str
     causal: bool
     kernel: str = "auto"
+    # Attention outputs kept from the first forward of checkpointed layers (activation_checkpointing:
+    # full_keep_attn), keyed by layer: the recompute in backward reuses them instead of attending again.
+    keep: dict | None = None
 
     @property
     def cp_size(self) -> int:
@@ -76,6 +79,22 @@ def _static_plans(seq_len: int, ring: int, ulysses: int, ring_rank: int, layout:
     return plans
 
 
+def _runs(index: Tensor) -> list[tuple[int, int]]:
+    """A permutation as the source slices whose concatenation applies it (zigzag: 2 slices per rank).
+    Slicing + one cat copies contiguous chunks, which is cheaper than a gather (index_select)."""
+    idx = index.tolist()
+    runs, start = [], 0
+    for i in range(1, len(idx) + 1):
+        if i == len(idx) or idx[i] != idx[i - 1] + 1:
+            runs.append((idx[start], idx[i - 1] + 1))
+            start = i
+    return runs
+
+
+def _permute(x: Tensor, runs: list[tuple[int, int]]) -> Tensor:
+    return torch.cat([x[:, :, a:b] for a, b in runs], dim=2)
+
+
 def _all_gather_cat(x: Tensor, group, dim: int) -> list[Tensor]:
     parts = [torch.empty_like(x) for _ in range(_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
@@ -91,7 +110,6 @@ def build_context(
     causal: bool = True,
     doc_ids: Tensor | None = None,
     kernel: str = "auto",
-    device: torch.device | str | None = None,
 ) -> CPContext:
     """Build the per-batch context. `doc_ids` is this rank's shard [B, seq_local] of per-token document ids
     (packed sequences); attention never crosses documents. Collective over the CP group when doc_ids is given."""
@@ -124,14 +142,13 @@ def build_context(
                 for b in range(my_docs.shape[0])
             ]
             plans.append(rows if any(r != rows[0] for r in rows) else rows[:1])
-    dev = torch.device(device) if device is not None else None
     return CPContext(
         ring=comm,
         ulysses_group=ulysses_group if uly > 1 else None,
         ulysses_size=uly,
         plans=plans,
-        order=None if identity else order.to(dev),
-        restore=None if identity else torch.argsort(order).to(dev),
+        order=None if identity else _runs(order),
+        restore=None if identity else _runs(torch.argsort(order)),
         seq_len=seq_len,
         layout=layout,
         causal=causal,
@@ -139,8 +156,11 @@ def build_context(
     )
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, ctx: CPContext, scale: float | None = None) -> Tensor:
-    """CP attention on [B, H, S_local, D] tensors (SDPA layout); returns [B, H, S_local, D]."""
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, ctx: CPContext, scale: float | None = None, key: object = None
+) -> Tensor:
+    """CP attention on [B, H, S_local, D] tensors (SDPA layout); returns [B, H, S_local, D].
+    `key` names the calling layer for `ctx.keep` (reuse of the attention output in a recompute)."""
     scale = default_scale(q.shape[-1]) if scale is None else scale
     kernel = select_kernel(ctx.kernel, q.device, q.dtype, q.shape[-1])
     group = ctx.ulysses_group
@@ -149,12 +169,17 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: CPContext, scale: float | None 
         k, v = replicate_kv_heads(k, ctx.ulysses_size), replicate_kv_heads(v, ctx.ulysses_size)
         q, k, v = seq_gather(q, group), seq_gather(k, group), seq_gather(v, group)
         if ctx.order is not None:
-            order = ctx.order.to(q.device)
-            q, k, v = (x.index_select(2, order) for x in (q, k, v))
-    out = ring_attention(q, k, v, ctx.ring, ctx.plans, kernel, scale)
+            q, k, v = (_permute(x, ctx.order) for x in (q, k, v))
+    if ctx.keep is not None and key is not None:
+        kept = ctx.keep.pop(key, None)  # second call = the checkpoint's recompute: attend no more
+        out, lse = ring_attention(q, k, v, ctx.ring, ctx.plans, kernel, scale, kept, with_lse=True)
+        if kept is None:
+            ctx.keep[key] = (out.detach(), lse)
+    else:
+        out = ring_attention(q, k, v, ctx.ring, ctx.plans, kernel, scale)
     if group is not None:
         if ctx.restore is not None:
-            out = out.index_select(2, ctx.restore.to(out.device))
+            out = _permute(out, ctx.restore)
         out = head_gather(out, group)
     return out
 

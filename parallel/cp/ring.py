@@ -5,9 +5,11 @@ posted (batch_isend_irecv) before the current block is computed, so communicatio
 (NCCL runs the P2P on its own stream; `wait()` only makes the compute stream wait for it). Partial outputs
 are merged in float32 by log-sum-exp.
 
-Backward: keys travel the same way again; dQ accumulates locally, while the dK/dV partial sums travel
-*with* their key block and arrive at their owner after a full lap. Every rank posts send-to-next and
-receive-from-prev together, in the same order, so no world size can deadlock.
+Backward: keys travel the same way again; dQ accumulates locally. The dK/dV of a block is the sum of what
+every rank computes against it: the owner keeps its own share locally, and the other ranks' shares are
+summed along the ring in a partial that starts at the owner's neighbour and arrives home after R - 1
+hops, each hop overlapping the next step's compute. Every rank posts send-to-next and receive-from-prev
+together, in the same order, so no world size can deadlock.
 
 With R == 1 (no ring) this is simply the local kernel on the block plan, with the same autograd.
 """
@@ -37,13 +39,21 @@ class RingComm:
         else:
             self.rank = 0
 
-    def start(self, send: Tensor) -> tuple[Tensor, list]:
-        recv = torch.empty_like(send)
-        ops = [
-            dist.P2POp(dist.isend, send, self.next, self.group),
-            dist.P2POp(dist.irecv, recv, self.prev, self.group),
-        ]
-        return recv, dist.batch_isend_irecv(ops)
+    def start(self, *send: Tensor) -> tuple[list[Tensor], list]:
+        """Post the sends of `send` to the next rank and receives of same-shaped buffers from the previous.
+
+        P2P needs contiguous memory; HF hands attention [B, H, S, D] views of [B, S, H, D] tensors, so such
+        a view travels as its contiguous transpose instead of being copied first."""
+        wire, flipped = [], []
+        for t in send:
+            flip = not t.is_contiguous() and t.transpose(1, 2).is_contiguous()
+            wire.append(t.transpose(1, 2) if flip else t.contiguous())
+            flipped.append(flip)
+        recv = [torch.empty_like(t) for t in wire]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in wire]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in recv]
+        works = dist.batch_isend_irecv(ops)
+        return [t.transpose(1, 2) if f else t for t, f in zip(recv, flipped)], works
 
     @staticmethod
     def wait(works: list) -> None:
@@ -52,17 +62,19 @@ class RingComm:
 
 
 def merge_block(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor) -> None:
-    """In-place stable log-sum-exp merge: out += sigmoid(lse_b - lse) * (out_b - out) (rows with no key stay 0)."""
-    new_lse = torch.logaddexp(lse, lse_b)
-    w = torch.exp(lse_b - new_lse).nan_to_num_(0.0)  # both -inf: no key seen yet in either part
-    out.add_(w.unsqueeze(-1) * (out_b.to(out.dtype) - out))
-    lse.copy_(new_lse)
+    """In-place stable log-sum-exp merge of a block into finite (out, lse):
+    out += sigmoid(lse_b - lse) * (out_b - out);  lse -= logsigmoid(lse - lse_b)."""
+    w = torch.sigmoid(lse_b - lse).unsqueeze(-1)
+    out.lerp_(out_b.to(out.dtype), w.to(out.dtype))
+    lse.sub_(torch.nn.functional.logsigmoid(lse - lse_b))
 
 
 def _forward_blocks(
     q, k, v, blocks: list[Block], kernel: Kernel, scale: float, out: Tensor, lse: Tensor, fresh: bool
 ) -> None:
-    """Attend and merge each block; with `fresh` (nothing merged yet) a block's first write is a copy."""
+    """Attend and merge each block. With `fresh` (step 0) a row range's first block is copied: every query
+    sees at least itself at step 0, so every row is finite before any merge, and a block's rows always
+    see at least one key - the merge never meets -inf."""
     written: list[tuple[int, int]] = []
     for b in blocks:
         o, lse_b = kernel.forward(
@@ -104,47 +116,60 @@ def _per_batch(plans_step: list[list[Block]], batch: int) -> list[tuple[slice, l
 
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, comm: RingComm, plans: list[list[list[Block]]], kernel: Kernel, scale: float):
+    def forward(
+        ctx,
+        q,
+        k,
+        v,
+        comm: RingComm,
+        plans: list[list[list[Block]]],
+        kernel: Kernel,
+        scale: float,
+        kept: tuple[Tensor, Tensor] | None = None,
+    ):
+        ctx.comm, ctx.plans, ctx.kernel, ctx.scale = comm, plans, kernel, scale
+        if kept is not None:  # output and LSE of an earlier identical forward: only the graph is rebuilt
+            out, lse = kept
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.mark_non_differentiable(lse)
+            return out, lse
         b, h, s, d = q.shape
         acc = torch.promote_types(q.dtype, torch.float32)  # merge in fp32 (fp64 for the reference)
-        out = torch.zeros(b, h, s, d, dtype=acc, device=q.device)
-        lse = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
-        kv = torch.stack([k, v]) if comm.size > 1 else None
+        out = torch.empty(b, h, s, d, dtype=acc, device=q.device)
+        lse = torch.empty((b, h, s), dtype=acc, device=q.device)
         cur_k, cur_v = k, v
         for step in range(comm.size):
             if step + 1 < comm.size:
-                nxt, works = comm.start(kv)
+                (nk, nv), works = comm.start(cur_k, cur_v)
             for rows, blocks in _per_batch(plans[step], b):
                 _forward_blocks(
                     q[rows], cur_k[rows], cur_v[rows], blocks, kernel, scale, out[rows], lse[rows], step == 0
                 )
             if step + 1 < comm.size:
                 comm.wait(works)
-                kv = nxt
-                cur_k, cur_v = kv[0], kv[1]
+                cur_k, cur_v = nk, nv
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.comm, ctx.plans, ctx.kernel, ctx.scale = comm, plans, kernel, scale
-        return out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _dlse=None):
         q, k, v, out, lse = ctx.saved_tensors
         comm, plans, kernel, scale = ctx.comm, ctx.plans, ctx.kernel, ctx.scale
-        b = q.shape[0]
+        b, r = q.shape[0], comm.size
         dout = dout.contiguous()
         acc = torch.promote_types(q.dtype, torch.float32)
         dq = torch.zeros_like(q, dtype=acc)
-        kv = torch.stack([k, v]) if comm.size > 1 else None
+        own = torch.zeros((2, *k.shape), dtype=acc, device=k.device)  # this rank's share of its own block
         cur_k, cur_v = k, v
         incoming = (
-            None  # (buffer, works): dK/dV of the block we visit next, on its way from the previous rank
+            None  # (buffers, works): the partial dK/dV of the block we visit now, from the previous rank
         )
-        for step in range(comm.size):
-            if step + 1 < comm.size:
-                nxt, works = comm.start(kv)
-            # This rank's contribution to the visiting block's dK/dV, accumulated in fp32.
-            dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)
+        for step in range(r):
+            if step + 1 < r:
+                (nk, nv), works = comm.start(cur_k, cur_v)
+            part = own if step == 0 else torch.zeros((2, *k.shape), dtype=acc, device=k.device)
             for rows, blocks in _per_batch(plans[step], b):
                 _backward_blocks(
                     dout[rows],
@@ -157,25 +182,23 @@ class RingAttention(torch.autograd.Function):
                     kernel,
                     scale,
                     dq[rows],
-                    dkv[0][rows],
-                    dkv[1][rows],
+                    part[0][rows],
+                    part[1][rows],
                 )
-            if comm.size > 1:
-                if incoming is not None:
-                    # Waited only now, so the transfer overlapped this step's compute.
+            if step > 0:
+                if incoming is not None:  # waited only now: the hop overlapped this step's compute
                     comm.wait(incoming[1])
-                    dkv += incoming[0]
-                # Pass the block's gradient on; after the last step what arrives is our own block, home
-                # after a full lap.
-                incoming = comm.start(dkv)
-                if step + 1 < comm.size:
-                    comm.wait(works)
-                    kv = nxt
-                    cur_k, cur_v = kv[0], kv[1]
-        if incoming is not None:
+                    part += incoming[0][0]
+                # A partial holding a single share goes in the input dtype (it is one kernel result anyway).
+                send = part.to(k.dtype) if step == 1 else part
+                incoming = comm.start(send)
+            if step + 1 < r:
+                comm.wait(works)
+                cur_k, cur_v = nk, nv
+        if incoming is not None:  # what arrives after the last step is our own block, home
             comm.wait(incoming[1])
-            dkv = incoming[0]
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+            own += incoming[0][0]
+        return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype), None, None, None, None, None
 
 
 def ring_attention(
@@ -186,6 +209,10 @@ def ring_attention(
     plans: list[list[list[Block]]],
     kernel: Kernel,
     scale: float,
-) -> Tensor:
-    """q [B, H, S, D], k/v [B, Hkv, S, D] (local shards) -> out [B, H, S, D]; plans[step] from `CPContext`."""
-    return RingAttention.apply(q, k, v, comm, plans, kernel, scale)
+    kept: tuple[Tensor, Tensor] | None = None,
+    with_lse: bool = False,
+):
+    """q [B, H, S, D], k/v [B, Hkv, S, D] (local shards) -> out [B, H, S, D] (and the fp32 LSE [B, H, S]
+    with `with_lse`); plans[step] from `CPContext`. `kept` = (out, lse) of an identical earlier forward."""
+    out, lse = RingAttention.apply(q, k, v, comm, plans, kernel, scale, kept)
+    return (out, lse) if with_lse else out

@@ -71,7 +71,9 @@ def group_spans(layout: Layout) -> dict[str, int]:
 
 def ac_fraction(mode: str, layers: int) -> float:
     """Share of the stage's layers whose forward runs twice."""
-    return {"none": 0.0, "full": 1.0, "selective": math.ceil(layers / 2) / layers}[mode]
+    return {"none": 0.0, "full": 1.0, "full_keep_attn": 1.0, "selective": math.ceil(layers / 2) / layers}[
+        mode
+    ]
 
 
 def step_time(
@@ -97,7 +99,8 @@ def step_time(
     balanced = attn_flops / (attn_rate * block / (block + SMALL_BLOCK_TOKENS))
     attention = balanced * imbalance
     chunked = work.seq_len // layout.cp > max(1, work.loss_chunk // rv.mb_seqs)
-    recompute = ac * (mm_layers / 3 + attention / 3.5) + (mm_head / 3 if chunked else 0.0)
+    attn_recompute = 0.0 if work.activation_checkpointing == "full_keep_attn" else attention / 3.5
+    recompute = ac * (mm_layers / 3 + attn_recompute) + (mm_head / 3 if chunked else 0.0)
 
     # Per layer and microbatch; attention time per ring step is what a KV transfer can hide behind. Only
     # the balanced share counts: a transfer (and an FSDP collective) waits for the least busy rank too.

@@ -190,8 +190,11 @@ def activation_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
     b, h = work.compute_bytes, shape.hidden
     full = layer_activation_bytes(shape, layout, work, tf)
     inputs = b * h * (tf // layout.tp if work.sequence_parallel else tf)
-    ckpt = {"none": 0, "full": ls, "selective": math.ceil(ls / 2)}[work.activation_checkpointing]
+    mode = work.activation_checkpointing
+    ckpt = {"none": 0, "full": ls, "full_keep_attn": ls, "selective": math.ceil(ls / 2)}[mode]
     saved = (ls - ckpt) * full + ckpt * inputs
+    if mode == "full_keep_attn":  # the kept attention output (compute dtype) and fp32 LSE of every layer
+        saved += ls * tf * rv.heads * (b * shape.head_dim + 4)
     working = layer_activation_bytes(shape, layout, work, tm)
     return saved + working + (4 + b) * h * tm
 
