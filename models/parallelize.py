@@ -20,15 +20,14 @@ from parallel.tp import apply_tp
 
 
 def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims, cfg) -> CausalLMStage:
-    """Apply every parallelism of `cfg.parallel` to one pipeline stage (in place); returns it."""
+    """Apply every parallelism of `cfg.parallel` to one pipeline stage (in place); returns it.
+    With parallel.engine other than fsdp2 everything but the FSDP wrapping is applied."""
     pcfg = cfg.parallel
     layers = list(stage.model.layers.values())
     if dims.tp > 1:
         apply_tp(layers, sub_mesh(mesh, "tp"))
-    if dims.cp == 1:
-        apply_cp(
-            stage, None, None, layout="contiguous", kernel=cfg.model.attn_kernel
-        )  # doc masks, kernel choice
+    if dims.cp == 1:  # still attach the CP attention: document masks and kernel choice
+        apply_cp(stage, None, None, layout="contiguous", kernel=cfg.model.attn_kernel)
     else:
         ring, uly = groups_for_strategy(
             pcfg.cp_strategy,
@@ -44,9 +43,9 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
     if pcfg.compile:
         for layer in layers:
             layer.compile()
-    fsdp_mesh = sub_mesh(mesh, "dp_shard_cp")
-    if dims.dp_replicate > 1:
-        fsdp_mesh = _hsdp_mesh(mesh)
+    if getattr(pcfg, "engine", "fsdp2") != "fsdp2":
+        return stage  # another engine (DeepSpeed ZeRO) shards the stage itself
+    fsdp_mesh = _hsdp_mesh(mesh) if dims.dp_replicate > 1 else sub_mesh(mesh, "dp_shard_cp")
     apply_fsdp(
         stage,
         layers,

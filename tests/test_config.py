@@ -233,6 +233,7 @@ def test_save_reload_round_trip(yaml_path, tmp_path):
         "optim",
         "checkpoint",
         "logging",
+        "deepspeed",
         "output_dir",
     ]
 

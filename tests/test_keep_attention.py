@@ -38,7 +38,7 @@ def _run(rank, world, seed):
     for keep in (False, True):
         calls = [0]
 
-        def counting(*a, **k):
+        def counting(*a, calls=calls, **k):
             calls[0] += 1
             return original.forward(*a, **k)
 

@@ -370,6 +370,15 @@ class Checkpointer:
         path = Path(path)
         try:
             marker = json.loads((path / MARKER).read_text())
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {path} has no readable {MARKER} ({_first_line(exc)})") from None
+        saved_engine = marker.get("layout", {}).get("engine", "fsdp2")
+        if saved_engine != self.layout.get("engine", "fsdp2"):
+            raise CheckpointError(
+                f"checkpoint {path} was written by the {saved_engine} engine; this run uses "
+                f"{self.layout.get('engine', 'fsdp2')} (parallel.engine)"
+            )
+        try:
             train_state = torch.load(path / TRAIN_STATE, weights_only=False)
             saved_md = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         except Exception as exc:  # noqa: BLE001

@@ -22,9 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from models.causal_lm import CausalLMStage, tile_mlps
-from parallel.ac import checkpointed_layers, keeps_attention
-from parallel.cp.api import apply_cp, groups_for_strategy
+from models.causal_lm import CausalLMStage
+from models.parallelize import parallelize_llama
 from parallel.cp.sharding import shard_batch
 from parallel.dims import ConfigError, ParallelDims, sub_mesh, sub_rank_and_size
 from trainer.checkpoint import (
@@ -119,29 +118,10 @@ def check_layout(dims: ParallelDims) -> None:
 def parallelize_for_deepspeed(
     stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims, cfg: Any
 ) -> CausalLMStage:
-    """CP attention, activation checkpointing, MLP tiling and compile as `parallelize_llama` applies them,
-    without TP (not supported here) and without FSDP (DeepSpeed wraps the stage afterwards).
-    Keep in step with models/parallelize.py (or let it skip apply_fsdp when parallel.engine != fsdp2)."""
+    """Everything `parallelize_llama` applies except FSDP (it skips FSDP for this engine); DeepSpeed wraps
+    the stage afterwards."""
     check_layout(dims)
-    pcfg = cfg.parallel
-    if dims.cp == 1:
-        apply_cp(stage, None, None, layout="contiguous", kernel=cfg.model.attn_kernel)
-    else:
-        ring, uly = groups_for_strategy(
-            pcfg.cp_strategy,
-            cp_group=sub_mesh(mesh, "cp").get_group(),
-            ring_group=sub_mesh(mesh, "ring").get_group(),
-            ulysses_group=sub_mesh(mesh, "ulysses").get_group(),
-        )
-        apply_cp(stage, ring, uly, layout=pcfg.cp_layout, kernel=cfg.model.attn_kernel)
-    stage.ac_layers = checkpointed_layers(list(stage.model.layers.keys()), pcfg.activation_checkpointing)
-    stage.keep_attention = keeps_attention(pcfg.activation_checkpointing)
-    stage.offload_activations = pcfg.activation_offload
-    tile_mlps(stage, pcfg.mlp_chunks)
-    if pcfg.compile:
-        for layer in stage.model.layers.values():
-            layer.compile()
-    return stage
+    return parallelize_llama(stage, mesh, dims, cfg)
 
 
 def _build_optimizer(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.Optimizer:

@@ -129,6 +129,7 @@ class Trainer:
             )
 
         layout = {k: getattr(self.dims, k) for k in ("pp", "dp_replicate", "dp_shard", "cp", "ulysses", "tp")}
+        layout["engine"] = cfg.parallel.engine
         self.checkpointer = Checkpointer(cfg.checkpoint, self.out, layout=layout, model_config=self.hf_config)
         self.tokenizer = load_tokenizer(cfg)
         self.model = self._build_model()
