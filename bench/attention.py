@@ -53,7 +53,7 @@ def bench_single(s_local, h, hkv, d, kernel_name, iters):
 def bench_longctx(strategy, s, h, hkv, d, kernel_name, world, iters, profile=False):
     group = dist.group.WORLD
     groups = dict(ring_group=group) if strategy == "ring" else dict(ulysses_group=group)
-    ctx = build_context(s, layout="zigzag", kernel=kernel_name, device="cuda", **groups)
+    ctx = build_context(s, layout="zigzag", kernel=kernel_name, **groups)
     sl = s // world
     q = torch.randn(1, sl, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (

@@ -194,14 +194,22 @@ def run_steps(step, warmup: int, steps: int) -> float:
 
 
 def measure(
-    model: str, seq: int, impl: str, world: int, rank: int, warmup: int, steps: int, offload: bool = False
+    model: str,
+    seq: int,
+    impl: str,
+    world: int,
+    rank: int,
+    warmup: int,
+    steps: int,
+    offload: bool = False,
+    ac: str = "full",
 ) -> dict:
     from transformers import AutoConfig
 
     from trainer.metrics import flops_per_token
 
     strategy = "ring" if impl == "peer" else impl
-    cfg = make_config(model, seq, strategy, cp=world, offload=offload)
+    cfg = make_config(model, seq, strategy, cp=world, ac=ac, offload=offload)
     fields = dict(cfg.model.config)
     hf_cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
     if impl == "peer":
@@ -215,6 +223,7 @@ def measure(
         model=model,
         impl=impl,
         seq=seq,
+        ac=ac if impl != "peer" else "full",
         step_s=t,
         tok_s_gpu=tok_gpu,
         mfu_pct=100 * tok_gpu * flops_per_token(hf_cfg, seq) / PEAK_BF16,
@@ -230,6 +239,7 @@ def main() -> None:
     ap.add_argument(
         "--peer-seqs", type=int, nargs="*", default=None, help="seq lens for the peer (default all)"
     )
+    ap.add_argument("--ac", nargs="+", default=["full"], help="activation checkpointing modes (longctx rows)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=None)
@@ -238,13 +248,14 @@ def main() -> None:
     rows = []
     for model in args.model:
         for seq in args.seqs:
-            for impl in args.impls:
+            runs = [(i, a) for i in args.impls for a in (["full"] if i == "peer" else args.ac)]
+            for impl, ac in runs:
                 if impl == "peer" and args.peer_seqs is not None and seq not in args.peer_seqs:
                     continue
                 gc.collect()
                 torch.cuda.empty_cache()
                 try:
-                    row = measure(model, seq, impl, world, rank, args.warmup, args.steps)
+                    row = measure(model, seq, impl, world, rank, args.warmup, args.steps, ac=ac)
                 except torch.OutOfMemoryError as e:
                     row = dict(model=model, impl=impl, seq=seq, error=f"OOM: {str(e)[:120]}")
                 except Exception as e:  # keep the rest of the table
@@ -259,13 +270,15 @@ def main() -> None:
         world=world,
         torch=torch.__version__,
         args=vars(args),
-        ac="full",
+        ac=args.ac,
         dtype="bf16 compute, fp32 master",
     )
     write_results(args.out, rows, meta)
-    log0(f"\n{meta['gpu']} x{world}, torch {meta['torch']}, full AC")
+    log0(f"\n{meta['gpu']} x{world}, torch {meta['torch']}")
     log0(
-        markdown_table(rows, ["model", "impl", "seq", "step_s", "tok_s_gpu", "mfu_pct", "peak_gib", "error"])
+        markdown_table(
+            rows, ["model", "impl", "seq", "ac", "step_s", "tok_s_gpu", "mfu_pct", "peak_gib", "error"]
+        )
     )
     dist.destroy_process_group()
 

@@ -214,7 +214,6 @@ def cp_attn_func(
             causal=causal,
             doc_ids=doc_ids,
             kernel=kernel,
-            device=q.device,
         )
     out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), context, softmax_scale)
     return out.transpose(1, 2)
