@@ -216,8 +216,10 @@ def measure(
         step = peer_step_fn(cfg, world)
     else:
         step = longctx_step_fn(build_longctx(cfg, world), cfg, world, rank)
+    calls = _count_kernel_calls()
     torch.cuda.reset_peak_memory_stats()
     t = run_steps(step, warmup, steps)
+    kernel_calls = calls.pop() // max(warmup + steps, 1)
     tok_gpu = seq / world / t
     return dict(
         model=model,
@@ -228,7 +230,25 @@ def measure(
         tok_s_gpu=tok_gpu,
         mfu_pct=100 * tok_gpu * flops_per_token(hf_cfg, seq) / PEAK_BF16,
         peak_gib=max_over_ranks(torch.cuda.max_memory_allocated() / 2**30),
+        attn_fwd_calls_per_step=kernel_calls,
     )
+
+
+def _count_kernel_calls() -> list:
+    """Count local attention forward calls (shows whether a recompute re-runs the attention)."""
+    import parallel.cp.kernels as kernels
+
+    box = [0]
+    for name, k in list(kernels.KERNELS.items()):
+        base = getattr(k.forward, "__wrapped_forward__", k.forward)
+
+        def counted(*a, _base=base, **kw):
+            box[0] += 1
+            return _base(*a, **kw)
+
+        counted.__wrapped_forward__ = base
+        kernels.KERNELS[name] = kernels.Kernel(k.name, counted, k.backward, k.device)
+    return box
 
 
 def main() -> None:
@@ -277,7 +297,19 @@ def main() -> None:
     log0(f"\n{meta['gpu']} x{world}, torch {meta['torch']}")
     log0(
         markdown_table(
-            rows, ["model", "impl", "seq", "ac", "step_s", "tok_s_gpu", "mfu_pct", "peak_gib", "error"]
+            rows,
+            [
+                "model",
+                "impl",
+                "seq",
+                "ac",
+                "step_s",
+                "tok_s_gpu",
+                "mfu_pct",
+                "peak_gib",
+                "attn_fwd_calls_per_step",
+                "error",
+            ],
         )
     )
     dist.destroy_process_group()

@@ -16,7 +16,6 @@ Usage outside the trainer (flash-attn-like, q/k/v [batch, seq_local, heads, head
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -31,23 +30,24 @@ Tensor = torch.Tensor
 STRATEGIES = ("ring", "ulysses", "hybrid")
 
 
-@dataclass
 class CPContext:
-    """Per-batch CP state shared by every attention layer."""
+    """Per-batch CP state shared by every attention layer.
 
-    ring: RingComm
-    ulysses_group: dist.ProcessGroup | None
-    ulysses_size: int
-    plans: list[list[list[Block]]]  # [ring step][one shared plan | one per batch row][blocks]
-    order: list[tuple[int, int]] | None  # after the Ulysses exchange: slices that sort tokens by position
-    restore: list[tuple[int, int]] | None  # the slices that undo `order`
-    seq_len: int
-    layout: str
-    causal: bool
-    kernel: str = "auto"
-    # Attention outputs kept from the first forward of checkpointed layers (activation_checkpointing:
-    # full_keep_attn), keyed by layer: the recompute in backward reuses them instead of attending again.
-    keep: dict | None = None
+    A plain class on purpose: FSDP's mixed-precision input casting rebuilds dataclasses (and the dicts and
+    lists inside them) for every wrapped layer call, which would copy the plans and lose `keep`."""
+
+    def __init__(self, ring: RingComm, ulysses_group, ulysses_size: int, plans, order, restore, seq_len: int,
+                 layout: str, causal: bool, kernel: str = "auto"):
+        self.ring = ring
+        self.ulysses_group: dist.ProcessGroup | None = ulysses_group
+        self.ulysses_size = ulysses_size
+        self.plans: list[list[list[Block]]] = plans  # [ring step][one shared plan | one per batch row][blocks]
+        self.order: list[tuple[int, int]] | None = order  # after the Ulysses exchange: sort tokens by position
+        self.restore: list[tuple[int, int]] | None = restore  # the slices that undo `order`
+        self.seq_len, self.layout, self.causal, self.kernel = seq_len, layout, causal, kernel
+        # Attention outputs kept from the first forward of checkpointed layers (activation_checkpointing:
+        # full_keep_attn), keyed by layer: the recompute in backward reuses them instead of attending again.
+        self.keep: dict | None = None
 
     @property
     def cp_size(self) -> int:
