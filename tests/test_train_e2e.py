@@ -59,8 +59,8 @@ def _make_trainer(cfg, crash_at=None, signal_at=None, nan_at=None):
                 finally:
                     handle.remove()
             result = super().train_step(batches)
-            if upcoming == signal_at:
-                os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's pre-emption warning, delivered for real
+            if signal_at and upcoming == signal_at[0]:
+                os.kill(os.getpid(), signal_at[1])  # a real signal to this rank, like a scheduler sends
             return result
 
     return TestTrainer(cfg)
@@ -105,14 +105,15 @@ def _scenarios(rank, world, tmp):
     out["crash_resumed_from"] = t.history[0]["step"]
     out["crash"] = [h["loss"] for h in t.history]
 
-    # SIGUSR1 after step 3: save, exit cleanly; the requeued run continues at step 4.
-    cfg = _cfg(f"{tmp}/signal", cache)
-    t = _make_trainer(cfg, signal_at=3)
-    t.train()
-    out["signal_stopped_at"] = t.step
-    t = _make_trainer(cfg)
-    t.train()
-    out["signal"] = [h["loss"] for h in t.history]
+    # SIGTERM (and Slurm's SIGUSR1) after step 3: save, exit cleanly; the requeued run continues at step 4.
+    for name, sig in (("sigterm", signal.SIGTERM), ("sigusr1", signal.SIGUSR1)):
+        cfg = _cfg(f"{tmp}/{name}", cache)
+        t = _make_trainer(cfg, signal_at=(3, sig))
+        t.train()
+        out[f"{name}_stopped_at"] = t.step
+        t = _make_trainer(cfg)
+        t.train()
+        out[name] = [h["loss"] for h in t.history]
 
     # A NaN loss at step 2 stops with a message naming step and ranks; with skip_nonfinite=1 it is skipped.
     try:
@@ -171,11 +172,12 @@ def test_resume_onto_other_layouts(scenarios):
         assert loss < out["ref"][-1] + 0.05  # keeps improving from where the run stopped
 
 
-def test_signal_saves_and_requeued_run_continues(scenarios):
+@pytest.mark.parametrize("name", ["sigterm", "sigusr1"])
+def test_signal_saves_and_requeued_run_continues(scenarios, name):
     out, tmp = scenarios
-    assert out["signal_stopped_at"] == 3
-    assert out["signal"] == out["ref"][3:]
-    assert os.path.isfile(f"{tmp}/signal/checkpoints/step_00000003/COMPLETE.json")
+    assert out[f"{name}_stopped_at"] == 3
+    assert out[name] == out["ref"][3:]
+    assert os.path.isfile(f"{tmp}/{name}/checkpoints/step_00000003/COMPLETE.json")
 
 
 def test_nonfinite_loss_stops_or_skips(scenarios):

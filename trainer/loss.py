@@ -23,27 +23,31 @@ def count_valid(batches: list[dict[str, torch.Tensor]], dp_group: dist.ProcessGr
     return int(n.item())
 
 
-def global_grad_norm(
-    params: list[torch.nn.Parameter], pp_group: dist.ProcessGroup | None = None
-) -> torch.Tensor:
-    """L2 norm of all gradients across every shard (FSDP, TP) and pipeline stage, as a plain scalar."""
-    grads = [p.grad for p in params if p.grad is not None]
-    # DTensor norms only combine within one mesh/placement; group by it and add the squares.
+def global_grad_norm(params: list[torch.nn.Parameter], pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """L2 norm of all gradients across every shard (FSDP, TP) and pipeline stage, as a plain scalar.
+
+    Squares of the local shards are summed per (mesh, placements) group and all-reduced only over the mesh
+    dimensions that shard them (replicated dimensions hold identical copies): one or two small collectives
+    per group instead of one per tensor."""
     groups: dict[object, list[torch.Tensor]] = {}
-    for g in grads:
-        key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
-        groups.setdefault(key, []).append(g)
-    sq = None
-    for gs in groups.values():
-        n = torch.nn.utils.get_total_norm(gs, 2.0, foreach=True)
-        if isinstance(n, DTensor):
-            n = n.full_tensor()
-        sq = n.double() ** 2 if sq is None else sq + n.double() ** 2
-    if sq is None:  # a stage without gradients still joins the pipeline reduction
-        sq = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
-    if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        dist.all_reduce(sq, group=pp_group)
-    return sq.sqrt().float()
+    for p in params:
+        if p.grad is not None:
+            key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
+            groups.setdefault(key, []).append(p.grad)
+    device = params[0].device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for key, grads in groups.items():
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        sq = torch.nn.utils.get_total_norm(local, 2.0, foreach=True).double().pow(2).to(device)
+        if key is not None:
+            mesh, placements = key
+            for dim, placement in enumerate(placements):
+                if not placement.is_replicate():  # Shard or FSDP+TP _StridedShard
+                    dist.all_reduce(sq, group=mesh.get_group(dim))
+        total += sq
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:  # stages hold disjoint parameters
+        dist.all_reduce(total, group=pp_group)
+    return total.sqrt().float()
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
