@@ -136,8 +136,16 @@ def test_memory_arithmetic_exact():
     assert mem.activations == 3 * 2320 * 32 + 12288
     # fp32 out/dq 4*4*16 + lse 16 + dk/dv 8*2*16 = 528, ring: 2 kv blocks 4*2*2*16 + dkv 8*2*16 = 512
     assert mem.attention == (528 + 512) * 32
-    assert mem.logits == 16 * 100 * (2 + 12)
-    assert mem.total == 2 * 173696 + 347392 + 408448 + 235008 + 33280
+    assert mem.logits == 16 * 100 * (2 + 8)
+    # peak = static + max(layer phase, loss phase); attention buffers only beyond the freed MLP (4*2*128*32)
+    assert (mem.saved_activations, mem.mlp_working, mem.gathered_root) == (
+        2 * 2320 * 32,
+        32768,
+        25728 + 12800,
+    )
+    layer_phase = 408448 + 235008 + (33280 - 32768)
+    loss_phase = 38528 + 2 * 2320 * 32 + 16000
+    assert mem.total == 2 * 173696 + 347392 + max(layer_phase, loss_phase)
 
 
 def test_memory_monotonic():
@@ -180,11 +188,12 @@ def test_ranking_prefers_ulysses_on_nvlink_and_hybrid_when_heads_are_few():
     few = dict(
         LLAMA_8B, num_attention_heads=4, num_key_value_heads=4, hidden_size=512, intermediate_size=1536
     )
-    # 4 heads cannot be split 8 ways: at 2k tokens per GPU a hybrid (all-to-all inside, ring across) wins;
-    # at 32k tokens per GPU the pure ring hides its transfers and takes over.
-    cfg = config(few, 16384, cp_strategy="auto", cp=8)
+    # 4 heads cannot be split 8 ways. With 4 GPUs per node, CP=8 spans two nodes: the hybrid keeps the
+    # all-to-all inside the node and sends 1 ring step across instead of 7, so it wins; inside one node
+    # the pure ring hides its transfers and wins.
+    cfg = config(few, 16384, cp_strategy="auto", cp=8, gpus_per_node=4)
     rows = plan_rows(cfg, 8, hf_of(cfg), fixed=dict(dp=1, tp=1, pp=1, cp=8))
-    assert rows[0].layout.strategy == "hybrid"
+    assert rows[0].layout.strategy_label() == "hybrid u4xr2 zigzag"
     cfg = config(few, 262144, cp_strategy="auto", cp=8)
     rows = plan_rows(cfg, 8, hf_of(cfg), fixed=dict(dp=1, tp=1, pp=1, cp=8))
     assert rows[0].layout.strategy_label() == "ring r8 zigzag"
@@ -197,7 +206,7 @@ def test_step_time_parts_and_node_boundaries():
     uly = Layout(1, 1, 1, 16, 16, "zigzag")
     assert group_spans(uly) == {"tp": 1, "ulysses": 16, "ring": 16, "fsdp": 16}
     inside, across = (step_time(shape, uly, work, RATES, gpus_per_node=g) for g in (16, 8))
-    assert across.cp_comm > 10 * inside.cp_comm and across.matmul == inside.matmul
+    assert across.cp_comm > 5 * inside.cp_comm and across.matmul == inside.matmul
     t = step_time(shape, Layout(2, 2, 2, 2, 1, "zigzag"), Workload(seq_len=16384, grad_accum=4), RATES)
     assert t.tp_comm > 0 and t.pp_bubble > 0 and t.fsdp_comm > 0 and t.recompute > 0  # chunked loss
     # 4 sequences in one pipeline pass as 4 microbatches: bubble = (pp-1)/m of the busy time.

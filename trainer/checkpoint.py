@@ -371,7 +371,9 @@ class Checkpointer:
         try:
             marker = json.loads((path / MARKER).read_text())
         except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {path} has no readable {MARKER} ({_first_line(exc)})") from None
+            raise CheckpointError(
+                f"checkpoint {path} has no readable {MARKER} ({_first_line(exc)})"
+            ) from None
         saved_engine = marker.get("layout", {}).get("engine", "fsdp2")
         if saved_engine != self.layout.get("engine", "fsdp2"):
             raise CheckpointError(

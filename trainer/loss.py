@@ -23,7 +23,9 @@ def count_valid(batches: list[dict[str, torch.Tensor]], dp_group: dist.ProcessGr
     return int(n.item())
 
 
-def global_grad_norm(params: list[torch.nn.Parameter], pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def global_grad_norm(
+    params: list[torch.nn.Parameter], pp_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """L2 norm of all gradients across every shard (FSDP, TP) and pipeline stage, as a plain scalar.
 
     Squares of the local shards are summed per (mesh, placements) group and all-reduced only over the mesh

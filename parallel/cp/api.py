@@ -36,13 +36,28 @@ class CPContext:
     A plain class on purpose: FSDP's mixed-precision input casting rebuilds dataclasses (and the dicts and
     lists inside them) for every wrapped layer call, which would copy the plans and lose `keep`."""
 
-    def __init__(self, ring: RingComm, ulysses_group, ulysses_size: int, plans, order, restore, seq_len: int,
-                 layout: str, causal: bool, kernel: str = "auto"):
+    def __init__(
+        self,
+        ring: RingComm,
+        ulysses_group,
+        ulysses_size: int,
+        plans,
+        order,
+        restore,
+        seq_len: int,
+        layout: str,
+        causal: bool,
+        kernel: str = "auto",
+    ):
         self.ring = ring
         self.ulysses_group: dist.ProcessGroup | None = ulysses_group
         self.ulysses_size = ulysses_size
-        self.plans: list[list[list[Block]]] = plans  # [ring step][one shared plan | one per batch row][blocks]
-        self.order: list[tuple[int, int]] | None = order  # after the Ulysses exchange: sort tokens by position
+        self.plans: list[list[list[Block]]] = (
+            plans  # [ring step][one shared plan | one per batch row][blocks]
+        )
+        self.order: list[tuple[int, int]] | None = (
+            order  # after the Ulysses exchange: sort tokens by position
+        )
         self.restore: list[tuple[int, int]] | None = restore  # the slices that undo `order`
         self.seq_len, self.layout, self.causal, self.kernel = seq_len, layout, causal, kernel
         # Attention outputs kept from the first forward of checkpointed layers (activation_checkpointing:

@@ -33,6 +33,8 @@ class DeviceRates:
     """All-reduce / all-gather / reduce-scatter bus bandwidth inside a node."""
     internode_gbps: float
     """Per-GPU bandwidth of any group that spans nodes (decimal GB/s)."""
+    hbm_gbps: float = 3000.0
+    """Device memory bandwidth (decimal GB/s, bytes read + written) for the memory-bound elementwise work."""
     fp32_speed: float = 0.089
     """Fraction of the bf16 rates reached when model.dtype is float32."""
     overhead_gib: float = 2.0

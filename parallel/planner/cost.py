@@ -34,7 +34,7 @@ from parallel.planner.memory import ModelShape, Workload, rank_view
 
 SMALL_BLOCK_TOKENS = 512  # assumed half-efficiency block length of the attention kernels
 
-PARTS = ("matmul", "attention", "recompute", "cp_comm", "tp_comm", "fsdp_comm", "pp_bubble")
+PARTS = ("matmul", "attention", "recompute", "memory_bound", "cp_comm", "tp_comm", "fsdp_comm", "pp_bubble")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class StepTime:
     matmul: float
     attention: float
     recompute: float
+    memory_bound: float
     cp_comm: float
     tp_comm: float
     fsdp_comm: float
@@ -142,13 +143,23 @@ def step_time(
         first = share * b * p_layer / bw
         fsdp = first + max(0.0, total - (mm_layers + mm_head + balanced + recompute))
 
-    busy = mm_layers + mm_head + attention + recompute + cp_comm + tp_comm + fsdp
+    # Memory-bound elementwise work per token and layer (forward): two RMSNorms with their fp32 upcast
+    # (~60h bytes with the residual adds), SiLU x up over the MLP width (~12 I/t), RoPE on q and k
+    # (~16 (a_r + k_r) d); backward moves about twice that, a recompute once more. The chunked loss streams
+    # fp32 logits about ten times (40 V bytes per token); AdamW reads p, g, m, v and writes p, m, v.
+    hbm = rates.hbm_gbps * 1e9
+    per_token = 60 * h + 12 * shape.intermediate / layout.tp + 16 * (rv.heads + rv.kv_heads) * d
+    shard = (ls * shape.layer_params(layout.tp) + shape.root_params(layout.pp)) / (layout.dp * layout.cp)
+    memory_bound = (rv.tokens * (ls * per_token * (3 + ac) + 40 * shape.vocab) + 28 * shard / rv.steps) / hbm
+
+    busy = mm_layers + mm_head + attention + recompute + memory_bound + cp_comm + tp_comm + fsdp
     bubble = busy * (layout.pp - 1) / m
     ga = rv.steps
     return StepTime(
         matmul=ga * (mm_layers + mm_head),
         attention=ga * attention,
         recompute=ga * recompute,
+        memory_bound=ga * memory_bound,
         cp_comm=ga * cp_comm,
         tp_comm=ga * tp_comm,
         fsdp_comm=ga * fsdp,

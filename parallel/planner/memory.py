@@ -184,6 +184,16 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout, work: Workload, to
     return replicated + per_token * tokens
 
 
+def saved_activation_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
+    """Activations that outlive their layer (checkpoints, kept attention outputs, un-checkpointed layers)."""
+    rv = rank_view(shape, layout, work)
+    return (
+        activation_bytes(shape, layout, work)
+        - layer_activation_bytes(shape, layout, work, rv.mb_tokens)
+        - (4 + work.compute_bytes) * shape.hidden * rv.mb_tokens
+    )
+
+
 def activation_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
     rv = rank_view(shape, layout, work)
     tm, tf, ls = rv.mb_tokens, rv.mb_tokens * rv.in_flight, rv.stage_layers
@@ -214,7 +224,8 @@ def logits_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
     rv = rank_view(shape, layout, work)
     seqs = rv.mb_seqs
     per_row = min(max(1, work.loss_chunk // seqs), work.seq_len // layout.cp)
-    return seqs * per_row * shape.vocab * (work.compute_bytes + 12)
+    # The chunk's logits in the compute dtype, then fp32 logits and fp32 log-softmax alive together.
+    return seqs * per_row * shape.vocab * (work.compute_bytes + 8)
 
 
 @dataclass(frozen=True)
@@ -227,18 +238,26 @@ class MemoryBreakdown:
     attention: int
     logits: int
     overhead: int
+    saved_activations: int = 0
+    """The part of `activations` that outlives a layer (what the loss phase still holds)."""
+    gathered_root: int = 0
+    """The part of `gathered` that stays during the loss: root parameters and the head's gradient."""
+    mlp_working: int = 0
+    """The working layer's MLP activations, already freed when its attention runs backward."""
+
+    @property
+    def allocated(self) -> int:
+        """Peak of the allocator (what torch.cuda.max_memory_allocated reports): the static state plus the
+        larger of two phases - inside a decoder layer (its working set, gathered layers, and the attention
+        buffers where they exceed the MLP activations that backward has freed by the time attention runs)
+        and in the chunked loss (saved activations, root parameters, one chunk of logits)."""
+        layer_phase = self.gathered + self.activations + max(0, self.attention - self.mlp_working)
+        loss_phase = self.gathered_root + self.saved_activations + self.logits
+        return self.params + self.grads + self.optimizer + max(layer_phase, loss_phase)
 
     @property
     def total(self) -> int:
-        return (
-            self.params
-            + self.grads
-            + self.optimizer
-            + self.gathered
-            + self.activations
-            + max(self.attention, self.logits)
-            + self.overhead
-        )
+        return self.allocated + self.overhead
 
     @property
     def total_gib(self) -> float:
@@ -259,7 +278,8 @@ def memory_breakdown(
     shard = math.ceil((rv.stage_layers * p_layer + p_root) / (layout.dp * layout.cp))
     on_gpu = 0 if work.fsdp_cpu_offload else shard
     kept = rv.stage_layers if not work.reshard_after_forward else 2
-    gathered = b * p_root + b * shape.vocab * shape.hidden + b * kept * p_layer + (b + 4) * p_layer
+    gathered_root = b * p_root + b * shape.vocab * shape.hidden
+    gathered = gathered_root + b * kept * p_layer + (b + 4) * p_layer
     return MemoryBreakdown(
         params=4 * on_gpu,
         grads=4 * on_gpu,
@@ -269,4 +289,7 @@ def memory_breakdown(
         attention=attention_buffer_bytes(shape, layout, work),
         logits=logits_bytes(shape, layout, work),
         overhead=overhead_bytes,
+        saved_activations=saved_activation_bytes(shape, layout, work),
+        gathered_root=gathered_root,
+        mlp_working=4 * b * math.ceil(shape.intermediate / layout.tp) * rv.mb_tokens,
     )

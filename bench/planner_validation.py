@@ -1,0 +1,80 @@
+"""Planner predictions vs GPU measurements (issue: within 20% step time, 15% peak memory, same ranking).
+
+    python -m bench.planner_validation [--results bench/results/2026-11-25]
+
+Reads the bench/train.py result files of a run directory, rebuilds each measured layout's config exactly
+as bench/train.py did, asks the planner (parallel/planner) for its prediction, and prints the comparison
+table plus whether the measured order of layouts is the predicted one. CPU only: no GPU needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+from bench.train import make_config
+
+
+def measured_rows(results_dir: str) -> list[dict]:
+    """Every successful longctx (non-peer) training row, the latest measurement of each layout winning."""
+    rows: dict[tuple, dict] = {}
+    paths = [p for p in glob.glob(os.path.join(results_dir, "train_*.json")) if "before_fix" not in p]
+    for path in sorted(paths, key=os.path.getmtime):
+        for r in json.load(open(path))["rows"]:
+            if r.get("impl") in ("ring", "ulysses") and not r.get("error"):
+                key = (r["model"], r["impl"], r["seq"], r.get("ac", "full"))
+                rows[key] = {**r, "ac": key[3]}
+    return list(rows.values())
+
+
+def predict(row: dict, world: int = 2):
+    from transformers import AutoConfig
+
+    from parallel.planner import plan_rows
+
+    cfg = make_config(row["model"], row["seq"], row["impl"], cp=world, ac=row["ac"])
+    fields = dict(cfg.model.config)
+    hf = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    fixed = dict(dp=1, tp=1, pp=1, cp=world)
+    for r in plan_rows(cfg, world, hf, fixed=fixed):
+        if r.valid and r.layout.strategy == row["impl"] and r.layout.cp_layout == "zigzag":
+            return r
+    raise LookupError(f"no planner row for {row}")
+
+
+def main() -> None:
+    from parallel.planner.report import compare_with_measurements
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default="bench/results/2026-11-25")
+    args = ap.parse_args()
+    table, pairs = [], []
+    for row in sorted(measured_rows(args.results), key=lambda r: (r["model"], r["seq"], r["impl"], r["ac"])):
+        p = predict(row)
+        label = f"{row['model']} {row['impl']} {row['seq'] // 1024}k ac={row['ac']}"
+        table.append(
+            dict(
+                layout=label,
+                pred_mem_gib=p.memory.allocated / 2**30,
+                meas_mem_gib=row["peak_gib"],
+                pred_step_s=p.time.total,
+                meas_step_s=row["step_s"],
+            )
+        )
+        pairs.append((label, p.time.total, row["step_s"]))
+    print(compare_with_measurements(table))
+    # Ranking: within each (model, seq), is the faster measured layout also predicted faster?
+    groups: dict[str, list] = {}
+    for label, pred, meas in pairs:
+        groups.setdefault(" ".join(label.split()[:1] + label.split()[2:3]), []).append((label, pred, meas))
+    for name, items in groups.items():
+        if len(items) > 1:
+            by_pred = [x[0] for x in sorted(items, key=lambda x: x[1])]
+            by_meas = [x[0] for x in sorted(items, key=lambda x: x[2])]
+            print(f"{name}: measured order {by_meas} - predicted {'same' if by_pred == by_meas else by_pred}")
+
+
+if __name__ == "__main__":
+    main()
