@@ -251,6 +251,18 @@ class Checkpointer:
         return complete[-1][1] if complete else None
 
     # ---- save ------------------------------------------------------------------------------------
+    @staticmethod
+    def write_local_state(tmp: Path, step: int, scheduler: Any, extra_state: dict | None) -> None:
+        """Collective. Each rank's extra state, and rank 0's step + scheduler state, into `tmp`."""
+
+        def write_local() -> None:
+            torch.save(extra_state or {}, tmp / f"extra_rank{_rank()}.pt")
+            if _rank() == 0:
+                scheds = [s.state_dict() for s in _schedulers(scheduler)]
+                torch.save({"step": step, "schedulers": scheds}, tmp / TRAIN_STATE)
+
+        _agreed(write_local, f"saving checkpoint {tmp} failed")
+
     def save(
         self,
         step: int,
@@ -271,13 +283,7 @@ class Checkpointer:
         parts = list(model_parts)
         state = _merged(_part_states(parts, _optimizers(optimizer, len(parts))))
 
-        def write_local() -> None:
-            torch.save(extra_state or {}, tmp / f"extra_rank{_rank()}.pt")
-            if _rank() == 0:
-                scheds = [s.state_dict() for s in _schedulers(scheduler)]
-                torch.save({"step": step, "schedulers": scheds}, tmp / TRAIN_STATE)
-
-        _agreed(write_local, f"saving checkpoint {tmp} failed")
+        self.write_local_state(tmp, step, scheduler, extra_state)
         try:
             if self.cfg.async_save:
                 if self._async_pg is None and dist.is_initialized():

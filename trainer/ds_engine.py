@@ -269,13 +269,7 @@ class DeepSpeedCheckpointer(Checkpointer):
         tmp = final.with_name(final.name + ".tmp")
         _agreed(lambda: _fresh_dir(tmp), f"cannot create checkpoint dir {tmp}", rank0_only=True)
 
-        def write_local() -> None:
-            torch.save(extra_state or {}, tmp / f"extra_rank{_rank()}.pt")
-            if _rank() == 0:
-                scheds = [s.state_dict() for s in _schedulers(scheduler)]
-                torch.save({"step": step, "schedulers": scheds}, tmp / TRAIN_STATE)
-
-        _agreed(write_local, f"saving checkpoint {tmp} failed")
+        self.write_local_state(tmp, step, scheduler, extra_state)
         ok, err = True, "failed on another rank"
         try:
             self.engine.save_checkpoint(
