@@ -17,6 +17,9 @@ from parallel.cp.api import CPContext, attend, build_context
 ATTN_IMPLEMENTATION = "longctx"
 
 
+# A compile boundary: the CP attention is communication and a Python loop over blocks (nothing for the
+# compiler to fuse), and tracing into it would guard on the per-batch context and recompile every step.
+@torch.compiler.disable
 def longctx_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
