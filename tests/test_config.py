@@ -12,12 +12,11 @@ from trainer.cli import cli_main, parse_cli
 from trainer.config import (
     Config,
     ConfigError,
-    config_fields,
     config_to_dict,
     load_config,
-    render_config_docs,
     save_config,
 )
+from trainer.config_docs import config_fields, render_config_docs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = (
@@ -247,7 +246,7 @@ def test_config_fields_and_docs_are_current():
     assert not missing, f"fields without a docstring: {missing}"
     with open(os.path.join(ROOT, "docs", "configuration.md"), encoding="utf-8") as f:
         assert f.read() == render_config_docs(), (
-            "regenerate: python -m trainer.config > docs/configuration.md"
+            "regenerate: python -m trainer.config_docs > docs/configuration.md"
         )
 
 

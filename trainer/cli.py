@@ -17,7 +17,8 @@ import yaml
 
 from parallel.dims import ParallelDims
 from parallel.planner import plan_main, resolve_auto, wants_auto
-from trainer.config import Config, ConfigError, config_fields, config_to_dict, load_config
+from trainer.config import Config, ConfigError, config_to_dict, load_config
+from trainer.config_docs import config_fields
 
 # The embedded default (DESIGN §1): used when --config is not given and the file exists.
 DEFAULT_CONFIG = os.path.join(

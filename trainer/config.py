@@ -6,13 +6,9 @@ Every field has a docstring; these key names are the public interface used by do
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import functools
-import inspect
 import os
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +17,7 @@ from typing import Any
 import yaml
 
 from parallel.dims import ConfigError  # defined there so parallel/ needn't import trainer/
-from trainer.ds_config import ENGINES, OFFLOAD_DEVICES, validate_engine
+from trainer.config_checks import MODEL_TYPES, validate  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -288,8 +284,19 @@ def _is_union(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType)
 
 
+def leaf_keys(cls: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema, in order."""
+    cls = Config if cls is None else cls
+    hints = _hints(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        out.extend(leaf_keys(tp, f"{prefix}{f.name}.") if _is_section(tp) else [f"{prefix}{f.name}"])
+    return out
+
+
 def _unknown(key: str) -> ConfigError:
-    valid = [k for k, *_ in _walk_fields(Config, "")]
+    valid = leaf_keys()
     valid += sorted({k.split(".")[0] for k in valid if "." in k})  # section names
     leaf = key.rsplit(".", 1)[-1]
     # A known leaf under the wrong section ("training.cp") is the likeliest slip; then plain typos.
@@ -392,120 +399,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 # Value checks that need neither the model nor the world size (those live in parallel.dims.ParallelDims).
 
-_CHOICES = {
-    "model.dtype": ("float32", "bfloat16"),
-    "model.attn_kernel": ("auto", "cudnn", "flash", "flash_attn", "flex", "cpu_flash", "math"),
-    "data.format": ("auto", "text", "chat", "tokens"),
-    "data.on_bad_row": ("error", "skip"),
-    "parallel.cp_strategy": ("ring", "ulysses", "hybrid", "auto"),
-    "parallel.cp_layout": ("zigzag", "contiguous"),
-    "parallel.pp_schedule": ("1F1B", "GPipe"),
-    "parallel.activation_checkpointing": ("none", "full", "selective", "full_keep_attn"),
-    "training.device": ("auto", "cpu", "cuda"),
-    "optim.scheduler": ("constant", "linear", "cosine"),
-    "checkpoint.export_dtype": ("float32", "bfloat16"),
-    "parallel.engine": ENGINES,
-    "deepspeed.offload_optimizer": OFFLOAD_DEVICES,
-    "deepspeed.offload_params": OFFLOAD_DEVICES,
-}
-_POSITIVE = (
-    "data.num_proc data.max_doc_tokens parallel.dp_replicate parallel.tp parallel.pp parallel.cp "
-    "parallel.ulysses parallel.pp_microbatches parallel.gpus_per_node parallel.mlp_chunks training.seq_len "
-    "training.micro_batch_size "
-    "training.grad_accum training.steps training.loss_chunk logging.every"
-).split()
-_NON_NEGATIVE = (
-    "training.seed training.max_grad_norm training.skip_nonfinite optim.lr optim.weight_decay "
-    "optim.warmup_steps checkpoint.interval checkpoint.keep"
-).split()
-MODEL_TYPES = ("llama", "qwen2", "mistral")
-
-
-def _get(cfg: Config, key: str) -> Any:
-    obj: Any = cfg
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def validate(cfg: Config) -> None:
-    """Raise ConfigError (naming the key) for the first value that cannot work."""
-    for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in choices:
-            lower = {c.lower(): c for c in choices}
-            guess = [lower[g] for g in difflib.get_close_matches(str(value).lower(), list(lower), n=1)]
-            hint = f" (did you mean {guess[0]}?)" if guess else ""
-            raise ConfigError(key, f"must be one of {' | '.join(choices)}, got {value!r}{hint}")
-    for key in _POSITIVE:
-        value = _get(cfg, key)
-        if value is not None and value < 1:
-            raise ConfigError(key, f"must be >= 1, got {value}")
-    for key in _NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise ConfigError(key, f"must be >= 0, got {_get(cfg, key)}")
-
-    m, p, t, o = cfg.model, cfg.parallel, cfg.training, cfg.optim
-    if (m.path is None) == (m.config is None):
-        raise ConfigError("model", "set exactly one of model.path (pretrained) or model.config (random init)")
-    if m.config is not None and m.config.get("model_type") not in MODEL_TYPES:
-        raise ConfigError(
-            "model.config.model_type",
-            f"must be one of {' | '.join(MODEL_TYPES)}, got {m.config.get('model_type')!r}",
-        )
-    if p.dp != -1 and p.dp < 1:
-        raise ConfigError("parallel.dp", f"must be >= 1 or -1 (infer from world size), got {p.dp}")
-    if p.dp != -1 and p.dp % p.dp_replicate:
-        raise ConfigError("parallel.dp_replicate", f"must divide parallel.dp={p.dp}, got {p.dp_replicate}")
-    if p.cp_strategy == "hybrid":
-        if not 1 < p.ulysses < p.cp or p.cp % p.ulysses:
-            raise ConfigError(
-                "parallel.ulysses",
-                f"cp_strategy=hybrid needs 1 < ulysses < cp and cp % ulysses == 0 (got ulysses={p.ulysses}, "
-                f"cp={p.cp}); use ring or ulysses for a pure strategy",
-            )
-    elif p.ulysses != 1 and p.cp_strategy == "auto":
-        raise ConfigError("parallel.ulysses", "cp_strategy=auto picks the ulysses degree; leave it at 1")
-    elif p.ulysses != 1 and not p.auto:
-        what = "ulysses uses ulysses=cp" if p.cp_strategy == "ulysses" else "ring uses ulysses=1"
-        raise ConfigError("parallel.ulysses", f"only used with cp_strategy=hybrid ({what}); leave it at 1")
-    if p.device_memory_gib is not None and p.device_memory_gib <= 0:
-        raise ConfigError("parallel.device_memory_gib", f"must be > 0, got {p.device_memory_gib}")
-    if p.cp > 1 and not p.auto:  # parallel.auto replaces cp (and checks the new one)
-        chunks = 2 * p.cp if p.cp_layout == "zigzag" else p.cp
-        if t.seq_len % chunks:
-            what = "2*cp" if p.cp_layout == "zigzag" else "cp"
-            raise ConfigError(
-                "training.seq_len",
-                f"{t.seq_len} is not divisible by {what} = {chunks} (cp_layout={p.cp_layout})",
-            )
-    if p.sequence_parallel and p.tp > 1 and not p.auto and (t.seq_len // p.cp) % p.tp:
-        raise ConfigError(
-            "training.seq_len",
-            f"tokens per cp rank ({t.seq_len // p.cp}) must be divisible by tp={p.tp} with sequence_parallel",
-        )
-    for key in ("optim.beta1", "optim.beta2"):
-        if not 0 <= _get(cfg, key) < 1:
-            raise ConfigError(key, f"must be in [0, 1), got {_get(cfg, key)}")
-    if o.eps <= 0:
-        raise ConfigError("optim.eps", f"must be > 0, got {o.eps}")
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    resume = cfg.checkpoint.resume
-    if resume not in ("auto", "none") and not os.path.isdir(resume):
-        raise ConfigError(
-            "checkpoint.resume", f"must be auto | none | an existing checkpoint dir, got {resume!r}"
-        )
-    if not cfg.output_dir:
-        raise ConfigError("output_dir", "must not be empty")
-    if cfg.deepspeed.zero_stage not in (1, 2, 3):
-        raise ConfigError("deepspeed.zero_stage", f"must be 1 | 2 | 3, got {cfg.deepspeed.zero_stage}")
-    validate_engine(cfg)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Saving and documentation.
-
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested dict in schema order (what `save_config` writes and `load_config` reads back)."""
@@ -517,90 +410,3 @@ def save_config(cfg: Config, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, default_flow_style=False)
-
-
-@functools.cache
-def _attribute_docs() -> dict[str, dict[str, str]]:
-    """{class name: {field: docstring}} from the string literal under each annotated field."""
-    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
-    docs: dict[str, dict[str, str]] = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            fields = docs.setdefault(node.name, {})
-            for stmt, nxt in zip(node.body, node.body[1:]):
-                if (
-                    isinstance(stmt, ast.AnnAssign)
-                    and isinstance(stmt.target, ast.Name)
-                    and isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)
-                ):
-                    fields[stmt.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _walk_fields(cls: Any, prefix: str) -> list[tuple[str, Any, Any, str, str]]:
-    docs = _attribute_docs().get(cls.__name__, {})
-    hints = _hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if _is_section(tp):
-            out.extend(_walk_fields(tp, key + "."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        out.append((key, tp, default, docs.get(f.name, ""), cls.__name__))
-    return out
-
-
-def _type_name(tp: Any) -> str:
-    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-
-
-def config_fields() -> list[tuple[str, str, Any, str]]:
-    """Every leaf key as (dotted key, type, default, docstring), in schema order."""
-    return [(key, _type_name(tp), default, doc) for key, tp, default, doc, _ in _walk_fields(Config, "")]
-
-
-def render_config_docs() -> str:
-    """Markdown reference of every key; docs/configuration.md is this function's output."""
-    lines = [
-        "# Configuration reference",
-        "",
-        "<!-- Generated by `python -m trainer.config > docs/configuration.md`; edit the docstrings in",
-        "trainer/config.py, not this file. -->",
-        "",
-        "A run is configured by a YAML file and `key=value` overrides:",
-        "",
-        "```",
-        "torchrun --nproc-per-node 8 train.py --config configs/demo.yaml training.steps=10 parallel.cp=4",
-        "```",
-        "",
-        "**Precedence: command line (`key=value`) > YAML file (`--config`) > defaults below.**",
-        "Values are parsed as YAML (`10`, `3e-4`, `true`, `null`, `[1, 2]`). Unknown keys are rejected with the",
-        "closest valid key suggested; `model.config` is a free mapping of Hugging Face config fields, so any",
-        "`model.config.<field>=...` is accepted. `--dry-run` validates the config, the mesh and the model shapes",
-        "for `WORLD_SIZE` ranks without creating a process group. The resolved config is saved in the run",
-        "directory (`save_config`) and loads back as-is.",
-    ]
-    section = None
-    for key, tp, default, doc in config_fields():
-        head = key.split(".")[0] if "." in key else "top level"
-        if head != section:
-            section = head
-            lines += [
-                "",
-                f"## `{head}`" if head != "top level" else "## Top level",
-                "",
-                "| key | type | default | description |",
-                "|---|---|---|---|",
-            ]
-        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-        cells = [c.replace("|", "\\|").replace("<", "&lt;") for c in (tp, shown, doc)]
-        lines.append(f"| `{key}` | `{cells[0]}` | `{cells[1]}` | {cells[2]} |")
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    sys.stdout.write(render_config_docs())

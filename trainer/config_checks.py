@@ -1,0 +1,131 @@
+"""Value checks of a loaded Config that need no model and no world size (`validate`).
+
+Each failure is a ConfigError naming the key; checks that need the model or the world size live in
+parallel/dims.py (ParallelDims) and run before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import TYPE_CHECKING, Any
+
+from parallel.dims import ConfigError
+from trainer.ds_config import ENGINES, OFFLOAD_DEVICES, validate_engine
+
+if TYPE_CHECKING:
+    from trainer.config import Config
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.attn_kernel": ("auto", "cudnn", "flash", "flash_attn", "flex", "cpu_flash", "math"),
+    "data.format": ("auto", "text", "chat", "tokens"),
+    "data.on_bad_row": ("error", "skip"),
+    "parallel.cp_strategy": ("ring", "ulysses", "hybrid", "auto"),
+    "parallel.cp_layout": ("zigzag", "contiguous"),
+    "parallel.pp_schedule": ("1F1B", "GPipe"),
+    "parallel.activation_checkpointing": ("none", "full", "selective", "full_keep_attn"),
+    "training.device": ("auto", "cpu", "cuda"),
+    "optim.scheduler": ("constant", "linear", "cosine"),
+    "checkpoint.export_dtype": ("float32", "bfloat16"),
+    "parallel.engine": ENGINES,
+    "deepspeed.offload_optimizer": OFFLOAD_DEVICES,
+    "deepspeed.offload_params": OFFLOAD_DEVICES,
+}
+_POSITIVE = (
+    "data.num_proc data.max_doc_tokens parallel.dp_replicate parallel.tp parallel.pp parallel.cp "
+    "parallel.ulysses parallel.pp_microbatches parallel.gpus_per_node parallel.mlp_chunks training.seq_len "
+    "training.micro_batch_size "
+    "training.grad_accum training.steps training.loss_chunk logging.every"
+).split()
+_NON_NEGATIVE = (
+    "training.seed training.max_grad_norm training.skip_nonfinite optim.lr optim.weight_decay "
+    "optim.warmup_steps checkpoint.interval checkpoint.keep"
+).split()
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError (naming the key) for the first value that cannot work."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            lower = {c.lower(): c for c in choices}
+            guess = [lower[g] for g in difflib.get_close_matches(str(value).lower(), list(lower), n=1)]
+            hint = f" (did you mean {guess[0]}?)" if guess else ""
+            raise ConfigError(key, f"must be one of {' | '.join(choices)}, got {value!r}{hint}")
+    for key in _POSITIVE:
+        value = _get(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(key, f"must be >= 1, got {value}")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(key, f"must be >= 0, got {_get(cfg, key)}")
+
+    m, p, t, o = cfg.model, cfg.parallel, cfg.training, cfg.optim
+    if (m.path is None) == (m.config is None):
+        raise ConfigError("model", "set exactly one of model.path (pretrained) or model.config (random init)")
+    if m.config is not None and m.config.get("model_type") not in MODEL_TYPES:
+        raise ConfigError(
+            "model.config.model_type",
+            f"must be one of {' | '.join(MODEL_TYPES)}, got {m.config.get('model_type')!r}",
+        )
+    if p.dp != -1 and p.dp < 1:
+        raise ConfigError("parallel.dp", f"must be >= 1 or -1 (infer from world size), got {p.dp}")
+    if p.dp != -1 and p.dp % p.dp_replicate:
+        raise ConfigError("parallel.dp_replicate", f"must divide parallel.dp={p.dp}, got {p.dp_replicate}")
+    if p.cp_strategy == "hybrid":
+        if not 1 < p.ulysses < p.cp or p.cp % p.ulysses:
+            raise ConfigError(
+                "parallel.ulysses",
+                f"cp_strategy=hybrid needs 1 < ulysses < cp and cp % ulysses == 0 (got ulysses={p.ulysses}, "
+                f"cp={p.cp}); use ring or ulysses for a pure strategy",
+            )
+    elif p.ulysses != 1 and p.cp_strategy == "auto":
+        raise ConfigError("parallel.ulysses", "cp_strategy=auto picks the ulysses degree; leave it at 1")
+    elif p.ulysses != 1 and not p.auto:
+        what = "ulysses uses ulysses=cp" if p.cp_strategy == "ulysses" else "ring uses ulysses=1"
+        raise ConfigError("parallel.ulysses", f"only used with cp_strategy=hybrid ({what}); leave it at 1")
+    if p.device_memory_gib is not None and p.device_memory_gib <= 0:
+        raise ConfigError("parallel.device_memory_gib", f"must be > 0, got {p.device_memory_gib}")
+    if p.cp > 1 and not p.auto:  # parallel.auto replaces cp (and checks the new one)
+        chunks = 2 * p.cp if p.cp_layout == "zigzag" else p.cp
+        if t.seq_len % chunks:
+            what = "2*cp" if p.cp_layout == "zigzag" else "cp"
+            raise ConfigError(
+                "training.seq_len",
+                f"{t.seq_len} is not divisible by {what} = {chunks} (cp_layout={p.cp_layout})",
+            )
+    if p.sequence_parallel and p.tp > 1 and not p.auto and (t.seq_len // p.cp) % p.tp:
+        raise ConfigError(
+            "training.seq_len",
+            f"tokens per cp rank ({t.seq_len // p.cp}) must be divisible by tp={p.tp} with sequence_parallel",
+        )
+    for key in ("optim.beta1", "optim.beta2"):
+        if not 0 <= _get(cfg, key) < 1:
+            raise ConfigError(key, f"must be in [0, 1), got {_get(cfg, key)}")
+    if o.eps <= 0:
+        raise ConfigError("optim.eps", f"must be > 0, got {o.eps}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not os.path.isdir(resume):
+        raise ConfigError(
+            "checkpoint.resume", f"must be auto | none | an existing checkpoint dir, got {resume!r}"
+        )
+    if not cfg.output_dir:
+        raise ConfigError("output_dir", "must not be empty")
+    if cfg.deepspeed.zero_stage not in (1, 2, 3):
+        raise ConfigError("deepspeed.zero_stage", f"must be 1 | 2 | 3, got {cfg.deepspeed.zero_stage}")
+    validate_engine(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving and documentation.
