@@ -192,7 +192,7 @@ def _export_checks(rank: int, world_size: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainer.checkpoint import export_hf
+    from trainer.hf_export import export_hf
 
     cfg = LlamaConfig(
         vocab_size=64,

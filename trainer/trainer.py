@@ -19,10 +19,11 @@ from parallel.dims import ParallelDims, sub_mesh, sub_rank_and_size
 from parallel.planner import resolve_auto
 from parallel.pp import Pipeline
 from trainer import distributed
-from trainer.checkpoint import Checkpointer, capture_rng_state, check_writable, export_hf, restore_rng_state
+from trainer.checkpoint import Checkpointer, capture_rng_state, check_writable, restore_rng_state
 from trainer.config import Config, ConfigError, config_to_dict, save_config
 from trainer.data import build_dataloader, load_tokenizer
 from trainer.errors import ModelLoadError, NonFiniteError, one_line
+from trainer.hf_export import export_hf
 from trainer.logging_utils import setup_logging
 from trainer.loss import clip_gradients, count_valid, global_grad_norm
 from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
