@@ -313,3 +313,14 @@ def test_cli_dry_run_subprocess_with_world_size(yaml_path):
     )
     assert proc.returncode == 2
     assert proc.stderr == "config error: parallel.dp: dp*tp*pp*cp = 8 does not match world size 4\n"
+
+
+def test_shipped_configs_are_valid():
+    """Every YAML under configs/ loads and validates (the hub models themselves are not fetched)."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+    assert len(paths) >= 3
+    for path in paths:
+        cfg = load_config(path, [])
+        assert cfg.training.seq_len % (2 * cfg.parallel.cp) == 0, path
