@@ -140,6 +140,10 @@ class TrainingConfig:
     """Skip up to this many steps whose loss or grad norm is NaN/inf before stopping."""
     loss_chunk: int = 4096
     """Tokens per chunk of the LM head + cross-entropy (full logits never materialise)."""
+    init_timeout_min: float = 30.0
+    """Process-group timeout (minutes) while ranks start, load the model and wait for tokenisation."""
+    step_timeout_min: float = 10.0
+    """Process-group timeout (minutes) after the first step: a stuck collective fails fast."""
     expandable_segments: bool = True
     """CUDA allocator expandable segments (less fragmentation at long context); ignored on CPU."""
     device: str = "auto"

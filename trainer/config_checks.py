@@ -35,7 +35,7 @@ _CHOICES = {
 _POSITIVE = (
     "data.num_proc data.max_doc_tokens parallel.dp_replicate parallel.tp parallel.pp parallel.cp "
     "parallel.ulysses parallel.pp_microbatches parallel.gpus_per_node parallel.mlp_chunks training.seq_len "
-    "training.micro_batch_size "
+    "training.micro_batch_size training.init_timeout_min training.step_timeout_min "
     "training.grad_accum training.steps training.loss_chunk logging.every"
 ).split()
 _NON_NEGATIVE = (

@@ -9,11 +9,6 @@ import socket
 import torch
 import torch.distributed as dist
 
-# Long while ranks load models and tokenise; shortened after the first step so a hung collective
-# surfaces quickly (see docs/launch.md for the flight-recorder variables).
-INIT_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("LONGCTX_INIT_TIMEOUT_MIN", "30")))
-STEP_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("LONGCTX_STEP_TIMEOUT_MIN", "10")))
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -34,8 +29,9 @@ def pick_device(requested: str, expandable_segments: bool = True) -> torch.devic
     return torch.device("cuda", local)
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join (or, run without torchrun, create) the default process group; returns (rank, world_size)."""
+def init_distributed(device: torch.device, timeout_min: float = 30) -> tuple[int, int]:
+    """Join (or, run without torchrun, create) the default process group; returns (rank, world_size).
+    The timeout is long while ranks load models; `shorten_timeout` tightens it after the first step."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python train.py`: a world of one
             os.environ.update(
@@ -47,16 +43,17 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
             )
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=INIT_TIMEOUT, **kwargs)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min), **kwargs)
     return dist.get_rank(), dist.get_world_size()
 
 
-def shorten_timeout() -> None:
-    """After step 1 every rank is past its slow start; a stuck collective should now fail fast."""
+def shorten_timeout(minutes: float) -> None:
+    """After step 1 every rank is past its slow start; a stuck collective should now fail fast
+    (docs/launch.md: the flight recorder shows which collective)."""
     try:
         from torch.distributed.distributed_c10d import _set_pg_timeout
 
-        _set_pg_timeout(STEP_TIMEOUT, None)
+        _set_pg_timeout(datetime.timedelta(minutes=minutes), None)
     except (ImportError, RuntimeError, AttributeError):
         pass  # not supported by this backend/version: keep the init timeout
 

@@ -63,7 +63,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.device = distributed.pick_device(cfg.training.device, cfg.training.expandable_segments)
-        self.rank, self.world = distributed.init_distributed(self.device)
+        self.rank, self.world = distributed.init_distributed(self.device, cfg.training.init_timeout_min)
         check_writable(self.out)  # before anything is written or loaded: one line if it can't be
         setup_logging(self.out, self.rank)
         # Everything that can reject the run does so before any weights or data are loaded.
@@ -308,7 +308,7 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 self.step += 1
                 if self.step == 1:
-                    distributed.shorten_timeout()
+                    distributed.shorten_timeout(cfg.training.step_timeout_min)
                 last = {
                     "loss": result.loss,
                     "grad_norm": result.grad_norm,
