@@ -22,7 +22,7 @@ def _run(rank, world, tmp):
             [
                 f"output_dir={tmp}/c{int(compiled)}",
                 f"data.cache_dir={tmp}/cache",
-                "training.steps=4",
+                "training.steps=5",
                 "training.seq_len=128",
                 "model.config.num_hidden_layers=2",
                 "parallel.dp=1",
@@ -44,8 +44,9 @@ def test_compiled_layers_match_eager_without_recompiling(tmp_path):
     eager, compiled = out[False], out[True]
     for (a, _), (b, _) in zip(eager, compiled):
         assert abs(a - b) / a < 1e-5
-    # After the first (compiling) step, steps run at eager-like speed: no per-step recompilation.
-    assert max(t for _, t in compiled[1:]) < 10 * max(t for _, t in eager[1:]) + 0.5, (
+    # After the first two steps (compiling, possibly once more), steps run at eager-like speed: no
+    # per-step recompilation.
+    assert max(t for _, t in compiled[2:]) < 10 * max(t for _, t in eager[2:]) + 0.5, (
         compiled,
         time.time() - start,
     )
