@@ -53,6 +53,7 @@ class CausalLMStage(nn.Module):
         self.ac_layers: set[str] = set()
         self.offload_activations = False
         self.keep_attention = False  # with checkpointed layers: reuse attention outputs in the recompute
+        self.sequence_shards = None  # (to_shard, to_full) with TP sequence parallel (parallel/tp.py)
         self.loss_scale = 1.0  # set per step by the trainer: (fsdp world size) / (global valid tokens)
 
     @staticmethod
@@ -82,6 +83,8 @@ class CausalLMStage(nn.Module):
         if ctx is not None and self.keep_attention and torch.is_grad_enabled():
             ctx.keep = {}
         rope = self.model.rotary_emb(h, position_ids)
+        if self.sequence_shards is not None and self.is_first:
+            h = self.sequence_shards[0](h)  # the residual stream is split over TP between layers
         # Activation offload: tensors saved for backward (with full AC: only the layer inputs) wait in
         # pinned host memory instead of on the GPU.
         offload = save_on_cpu(pin_memory=h.is_cuda) if self.offload_activations else contextlib.nullcontext()
@@ -94,6 +97,8 @@ class CausalLMStage(nn.Module):
                     h = self._layer(layer, h, **kwargs)
         if not self.is_last:
             return h, position_ids, doc_ids, labels
+        if self.sequence_shards is not None:
+            h = self.sequence_shards[1](h)
         h = self.model.norm(h)
         if labels is None:
             return h

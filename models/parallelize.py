@@ -16,7 +16,7 @@ from parallel.ac import checkpointed_layers, keeps_attention
 from parallel.cp.api import apply_cp, groups_for_strategy
 from parallel.dims import ParallelDims, sub_mesh
 from parallel.fsdp import apply_fsdp
-from parallel.tp import apply_tp
+from parallel.tp import apply_tp, sequence_shard_fns
 
 
 def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims, cfg) -> CausalLMStage:
@@ -25,7 +25,10 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
     pcfg = cfg.parallel
     layers = list(stage.model.layers.values())
     if dims.tp > 1:
-        apply_tp(layers, sub_mesh(mesh, "tp"))
+        tp_mesh = sub_mesh(mesh, "tp")
+        apply_tp(layers, tp_mesh, pcfg.sequence_parallel)
+        if pcfg.sequence_parallel:
+            stage.sequence_shards = sequence_shard_fns(tp_mesh)
     if dims.cp == 1:  # still attach the CP attention: document masks and kernel choice
         apply_cp(stage, None, None, layout="contiguous", kernel=cfg.model.attn_kernel)
     else:

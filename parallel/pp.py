@@ -33,6 +33,7 @@ class Pipeline:
         microbatch_shape: tuple[int, int],
         hidden_size: int,
         dtype: torch.dtype,
+        hidden_seq: int | None = None,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(
@@ -44,7 +45,8 @@ class Pipeline:
         # Explicit example shapes: runtime shape inference would run the loss on uninitialised labels.
         b, s = microbatch_shape
         ints = [torch.empty(b, s, dtype=torch.int64, device="meta") for _ in range(3)]
-        hidden = torch.empty(b, s, hidden_size, dtype=dtype, device="meta", requires_grad=True)
+        # Between stages the hidden states may be shorter than the tokens (TP sequence parallel).
+        hidden = torch.empty(b, hidden_seq or s, hidden_size, dtype=dtype, device="meta", requires_grad=True)
         first_in = torch.empty(b, s, dtype=torch.int64, device="meta")
         inputs = ((first_in if self.is_first else hidden), *ints)
         loss = torch.empty(1, dtype=torch.float32, device="meta", requires_grad=True)

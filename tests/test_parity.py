@@ -64,6 +64,11 @@ MODELS = {
 # (name, model, world, overrides)
 LAYOUTS_4 = [
     (
+        "tp2-cp2-sequence-parallel",
+        "llama",
+        ["parallel.tp=2", "parallel.cp=2", "parallel.sequence_parallel=true"],
+    ),
+    (
         "cp4-hybrid-keep-attn",
         "llama",
         [
