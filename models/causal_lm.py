@@ -75,11 +75,12 @@ class CausalLMStage(nn.Module):
         docs = doc_ids if self.doc_mask else None
         ctx = None
         if self.cp is not None:
-            ctx = self.cp.make_context(h.shape[1] * self.cp.seq_shards, docs)
+            # positions, not h: between pipeline stages h may be split over TP (sequence parallel)
+            ctx = self.cp.make_context(position_ids.shape[1] * self.cp.seq_shards, docs)
         elif docs is not None:
             from parallel.cp.api import build_context  # single device: documents still must not mix
 
-            ctx = build_context(h.shape[1], layout="contiguous", doc_ids=docs)
+            ctx = build_context(position_ids.shape[1], layout="contiguous", doc_ids=docs)
         if ctx is not None and self.keep_attention and torch.is_grad_enabled():
             ctx.keep = {}
         rope = self.model.rotary_emb(h, position_ids)

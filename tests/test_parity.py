@@ -143,6 +143,17 @@ LAYOUTS_4 = [
     ),
 ]
 LAYOUTS_8 = [
+    (
+        "pp2-tp2-cp2-sequence-parallel",
+        "llama",
+        [
+            "parallel.pp=2",
+            "parallel.tp=2",
+            "parallel.cp=2",
+            "parallel.sequence_parallel=true",
+            "training.grad_accum=2",
+        ],
+    ),
     ("dp2-tp2-cp2", "llama", ["parallel.dp=2", "parallel.tp=2", "parallel.cp=2"]),
     ("pp2-dp2-cp2", "llama", ["parallel.pp=2", "parallel.dp=2", "parallel.cp=2"]),
     (

@@ -95,7 +95,7 @@ class ParallelConfig:
     cp_layout: str = "zigzag"
     """zigzag (causal load balance) | contiguous."""
     sequence_parallel: bool = False
-    """TP: shard the residual stream and norms over the sequence too (activations /tp; not yet with pp > 1)."""
+    """TP: shard the residual stream and norms over the sequence too (activations /tp)."""
     pp_schedule: str = "1F1B"
     """Pipeline schedule: 1F1B | GPipe."""
     pp_microbatches: int | None = None
