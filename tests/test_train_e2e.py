@@ -295,3 +295,22 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
         env={**os.environ, "WORLD_SIZE": "4"},
     )
     assert proc.returncode == 2 and proc.stderr.startswith("config error: ")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/demo.yaml",
+            "parallel.dp=1",
+            "parallel.cp=1",
+            "model.attn_kernel=cudnn",
+            f"output_dir={tmp_path}/k",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "config error: model.attn_kernel: attention kernel 'cudnn' runs on cuda, not cpu"
+    )

@@ -31,7 +31,7 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer path or hub id; defaults to `model.path`."""
     attn_kernel: str = "auto"
-    """Local attention kernel under CP: auto | cudnn | flash | flash_attn | flex | cpu_flash | math."""
+    """Local attention kernel under CP: auto | cudnn | flash | flash_attn | cpu_flash | math."""
 
 
 @dataclass

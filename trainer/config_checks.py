@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
-    "model.attn_kernel": ("auto", "cudnn", "flash", "flash_attn", "flex", "cpu_flash", "math"),
+    "model.attn_kernel": ("auto", "cudnn", "flash", "flash_attn", "cpu_flash", "math"),
     "data.format": ("auto", "text", "chat", "tokens"),
     "data.on_bad_row": ("error", "skip"),
     "parallel.cp_strategy": ("ring", "ulysses", "hybrid", "auto"),
