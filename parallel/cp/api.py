@@ -24,7 +24,7 @@ from parallel.cp.kernels import default_scale, select_kernel
 from parallel.cp.plan import Block, plan_blocks
 from parallel.cp.ring import RingComm, ring_attention
 from parallel.cp.sharding import check_divisible, shard_index
-from parallel.cp.ulysses import check_heads, head_gather, replicate_kv_heads, seq_gather
+from parallel.cp.ulysses import check_heads, head_gather, replicate_kv_heads, seq_gather_qkv
 
 Tensor = torch.Tensor
 STRATEGIES = ("ring", "ulysses", "hybrid")
@@ -182,7 +182,7 @@ def attend(
     if group is not None:
         check_heads(q.shape[1], k.shape[1], ctx.ulysses_size)
         k, v = replicate_kv_heads(k, ctx.ulysses_size), replicate_kv_heads(v, ctx.ulysses_size)
-        q, k, v = seq_gather(q, group), seq_gather(k, group), seq_gather(v, group)
+        q, k, v = seq_gather_qkv(q, k, v, group)
         if ctx.order is not None:
             q, k, v = (_permute(x, ctx.order) for x in (q, k, v))
     if ctx.keep is not None and key is not None:

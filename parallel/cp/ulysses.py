@@ -38,15 +38,34 @@ def _a2a_seq_to_heads(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     return recv.transpose(0, 1).reshape(b, u * hu, s, d)
 
 
-class _SeqGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _a2a_heads_to_seq(x, group)
+class _SeqGatherQKV(torch.autograd.Function):
+    """q, k and v in one all-to-all (one message per peer instead of three)."""
 
     @staticmethod
-    def backward(ctx, g):
-        return _a2a_seq_to_heads(g.contiguous(), ctx.group), None
+    def forward(ctx, q, k, v, group):
+        u = dist.get_world_size(group)
+        b, hq, s, d = q.shape
+        hk = k.shape[1]
+        ctx.group, ctx.split = group, (hq // u, hk // u, hk // u)
+        # Per destination rank j: its q heads, then its k heads, then its v heads.
+        send = torch.cat([x.reshape(b, u, x.shape[1] // u, s, d) for x in (q, k, v)], dim=2)
+        send = send.transpose(0, 1).contiguous()  # [U, B, (hq + 2 hk) / U, S, D]
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)
+        both = recv.permute(1, 2, 0, 3, 4).reshape(b, sum(ctx.split), u * s, d)
+        return tuple(x.contiguous() for x in both.split(ctx.split, dim=1))
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        u = dist.get_world_size(ctx.group)
+        both = torch.cat([gq, gk, gv], dim=1)
+        b, hc, us, d = both.shape
+        s = us // u
+        send = both.reshape(b, hc, u, s, d).permute(2, 0, 1, 3, 4).contiguous()  # [U, B, Hc, S, D]
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=ctx.group)
+        grads = [x.transpose(0, 1).reshape(b, u * x.shape[2], s, d) for x in recv.split(ctx.split, dim=2)]
+        return grads[0], grads[1], grads[2], None
 
 
 class _HeadGather(torch.autograd.Function):
@@ -78,9 +97,11 @@ def replicate_kv_heads(k: Tensor, degree: int) -> Tensor:
     return k if hkv >= degree else k.repeat_interleave(degree // hkv, dim=1)
 
 
-def seq_gather(x: Tensor, group: dist.ProcessGroup) -> Tensor:
-    """Differentiable all-to-all: sequence-sharded -> head-sharded (see module doc)."""
-    return _SeqGather.apply(x, group)
+def seq_gather_qkv(
+    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Differentiable all-to-all of q, k and v together (k/v already replicated to the degree)."""
+    return _SeqGatherQKV.apply(q, k, v, group)
 
 
 def head_gather(x: Tensor, group: dist.ProcessGroup) -> Tensor:
