@@ -314,3 +314,19 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         "config error: model.attn_kernel: attention kernel 'cudnn' runs on cuda, not cpu"
     )
+
+
+def test_preprocess_flag_builds_the_cache(tmp_path):
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/demo.yaml",
+        f"data.cache_dir={tmp_path}/cache",
+        "--preprocess",
+    ]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "data cache (built)" in first.stdout and "docs=3000" in first.stdout
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "data cache (reused)" in again.stdout
