@@ -83,13 +83,28 @@ def _group_positions(seq_len: int, ring_rank: int, ulysses: int, cp: int, layout
 
 
 @functools.lru_cache(maxsize=64)
+def _group_order(seq_len: int, ring_rank: int, ulysses: int, cp: int, layout: str):
+    """(sorted positions, order, order slices, restore slices) of a ring rank's group - the same for every
+    batch of a run, so built once instead of per forward (`_runs` walks the whole local sequence)."""
+    pos = _group_positions(seq_len, ring_rank, ulysses, cp, layout)
+    order = torch.argsort(pos)
+    if bool((order == torch.arange(order.numel())).all()):
+        return pos, order, None, None
+    return pos[order], order, _runs(order), _runs(torch.argsort(order))
+
+
+@functools.lru_cache(maxsize=16)
+def _ring_comm(group: dist.ProcessGroup | None) -> RingComm:
+    return RingComm(group)
+
+
+@functools.lru_cache(maxsize=64)
 def _static_plans(seq_len: int, ring: int, ulysses: int, ring_rank: int, layout: str, causal: bool):
     cp = ring * ulysses
-    mine = _group_positions(seq_len, ring_rank, ulysses, cp, layout).sort().values
+    mine = _group_order(seq_len, ring_rank, ulysses, cp, layout)[0]
     plans = []
     for step in range(ring):
-        src = (ring_rank - step) % ring
-        theirs = _group_positions(seq_len, src, ulysses, cp, layout).sort().values
+        theirs = _group_order(seq_len, (ring_rank - step) % ring, ulysses, cp, layout)[0]
         plans.append([plan_blocks(mine, theirs, causal=causal)])
     return plans
 
@@ -110,7 +125,7 @@ def _permute(x: Tensor, runs: list[tuple[int, int]]) -> Tensor:
     return torch.cat([x[:, :, a:b] for a, b in runs], dim=2)
 
 
-def _all_gather_cat(x: Tensor, group, dim: int) -> list[Tensor]:
+def _all_gather(x: Tensor, group) -> list[Tensor]:
     parts = [torch.empty_like(x) for _ in range(_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return parts
@@ -132,38 +147,33 @@ def build_context(
     cp = ring * uly
     check_divisible(seq_len, cp, layout)
     r_rank = _rank(ring_group)
-    comm = RingComm(ring_group)
-    mine_pos = _group_positions(seq_len, r_rank, uly, cp, layout)
-    order = torch.argsort(mine_pos)
-    identity = bool((order == torch.arange(order.numel())).all())
+    mine_sorted, order, order_runs, restore_runs = _group_order(seq_len, r_rank, uly, cp, layout)
     if doc_ids is None:
         plans = _static_plans(seq_len, ring, uly, r_rank, layout, causal)
     else:
         # Document ids of every token each ring rank holds after the Ulysses exchange (tiny int tensors).
         docs = doc_ids.to(torch.int64)
         if uly > 1:
-            docs = torch.cat(_all_gather_cat(docs, ulysses_group, 1), dim=1)
-        ring_docs = _all_gather_cat(docs, ring_group, 1) if ring > 1 else [docs]
+            docs = torch.cat(_all_gather(docs, ulysses_group), dim=1)
+        ring_docs = _all_gather(docs, ring_group) if ring > 1 else [docs]
         plans = []
-        mine_sorted = mine_pos[order]
         my_docs = ring_docs[r_rank][:, order.to(docs.device)].cpu()
         for step in range(ring):
             src = (r_rank - step) % ring
-            src_pos = _group_positions(seq_len, src, uly, cp, layout)
-            src_order = torch.argsort(src_pos)
+            src_sorted, src_order, _, _ = _group_order(seq_len, src, uly, cp, layout)
             src_docs = ring_docs[src][:, src_order.to(docs.device)].cpu()
             rows = [
-                plan_blocks(mine_sorted, src_pos[src_order], my_docs[b], src_docs[b], causal)
+                plan_blocks(mine_sorted, src_sorted, my_docs[b], src_docs[b], causal)
                 for b in range(my_docs.shape[0])
             ]
             plans.append(rows if any(r != rows[0] for r in rows) else rows[:1])
     return CPContext(
-        ring=comm,
+        ring=_ring_comm(ring_group),
         ulysses_group=ulysses_group if uly > 1 else None,
         ulysses_size=uly,
         plans=plans,
-        order=None if identity else _runs(order),
-        restore=None if identity else _runs(torch.argsort(order)),
+        order=order_runs,
+        restore=restore_runs,
         seq_len=seq_len,
         layout=layout,
         causal=causal,
