@@ -41,8 +41,7 @@ from trainer.checkpoint import (
     _world,
 )
 from trainer.ds_config import build_ds_config
-from trainer.errors import NonFiniteError
-from trainer.loss import count_valid
+from trainer.loss import count_valid, mean_loss, skip_nonfinite
 from trainer.optim import build_optimizer
 
 log = logging.getLogger("longctx")
@@ -187,31 +186,29 @@ class DeepSpeedRunner:
         DeepSpeed has already discarded the update of such a step (fp32, ZeRO-3, bf16 check_grad_overflow).
         """
         cfg = self.cfg
-        global_valid = count_valid(batches, self.dp_group)
+        global_valid = count_valid(batches, self.dp_group, self.device)
         self.stage.loss_scale = self.dp_cp_size / max(global_valid, 1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in batches:
-            local = shard_batch(batch, self.cp_size, self.cp_rank, cfg.parallel.cp_layout)
-            b = {k: v.to(self.device, non_blocking=True) for k, v in local.items()}
+            b = shard_batch(batch, self.cp_size, self.cp_rank, cfg.parallel.cp_layout, self.device)
             loss = self.engine(b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"]).sum()
             self.engine.backward(loss, scale_wrt_gas=False)
             self.engine.step()  # DeepSpeed only reduces and updates at the accumulation boundary
             loss_sum += loss.detach().double()
-        dist.all_reduce(loss_sum, group=self.dp_cp_group)
-        loss_value = (loss_sum / self.dp_cp_size).item()
+        loss_value = mean_loss(loss_sum, self.dp_cp_size, self.dp_cp_group)
         norm = self.engine.get_global_grad_norm()
         grad_norm = float("nan") if norm is None else float(norm)
-        finite = torch.tensor([float(_finite(loss_value) and _finite(grad_norm))], device=self.device)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() == 1.0:
-            return loss_value, grad_norm, False
-        if skipped_so_far >= cfg.training.skip_nonfinite:
-            raise NonFiniteError(
-                f"non-finite loss or grad norm at step {step + 1} (loss {loss_value}, grad_norm {grad_norm}); "
-                f"training.skip_nonfinite={cfg.training.skip_nonfinite} skips exhausted"
-            )
-        log.warning("skipping step %d: non-finite loss/grad norm (DeepSpeed discarded the update)", step + 1)
-        return loss_value, grad_norm, True
+        # DeepSpeed has already discarded the update of a non-finite step; only the decision is ours.
+        skipped = skip_nonfinite(
+            loss_sum.item(),
+            loss_value,
+            grad_norm,
+            step + 1,
+            skipped_so_far,
+            cfg.training.skip_nonfinite,
+            self.device,
+        )
+        return loss_value, grad_norm, skipped
 
     # ---- HF export --------------------------------------------------------------------------------
     def export_hf(self, hf_config: Any, tokenizer: Any, out_dir: str | os.PathLike, dtype: str) -> Path:
@@ -241,10 +238,6 @@ class DeepSpeedRunner:
         _agreed(write, f"HF export to {out} failed", rank0_only=True)
         log.info("exported HF model (%s) to %s", dtype, out)
         return out
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 class DeepSpeedCheckpointer(Checkpointer):

@@ -8,19 +8,70 @@ exact global mean whatever the layout - CP=N equals CP=1 to rounding.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 IGNORE_INDEX = -100
+log = logging.getLogger("longctx")
 
 
-def count_valid(batches: list[dict[str, torch.Tensor]], dp_group: dist.ProcessGroup | None) -> int:
+def count_valid(
+    batches: list[dict[str, torch.Tensor]], dp_group: dist.ProcessGroup | None, device: torch.device
+) -> int:
     """Valid (label != -100) tokens of the global batch. Every dp rank counts its full sequences."""
-    n = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)], dtype=torch.float64)
+    n = torch.tensor(
+        [sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)], dtype=torch.float64, device=device
+    )
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(n, group=dp_group)
     return int(n.item())
+
+
+def mean_loss(local_sum: torch.Tensor, fsdp_size: int, *groups: dist.ProcessGroup | None) -> float:
+    """The step's loss from each rank's share local_sum * fsdp_size / global_valid: summed over the
+    groups (dp x cp, and pp where only the last stage has a loss), divided by fsdp_size."""
+    total = local_sum.detach().clone()
+    for group in groups:
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(total, group=group)
+    return (total / fsdp_size).item()
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def skip_nonfinite(
+    local_loss: float,
+    loss: float,
+    grad_norm: float,
+    step: int,
+    skipped: int,
+    limit: int,
+    device: torch.device,
+) -> bool:
+    """Collective. False if the step is finite; True if it must be skipped. Raises NonFiniteError, naming the
+    step and the ranks whose own loss share was non-finite (every rank when only the global values are),
+    once `limit` steps have been skipped."""
+    flag = torch.tensor([float(_finite(local_loss))], device=device)
+    flags = [torch.zeros_like(flag) for _ in range(dist.get_world_size())]
+    dist.all_gather(flags, flag)
+    bad = [r for r, f in enumerate(flags) if f.item() == 0]
+    if not bad and _finite(loss) and _finite(grad_norm):
+        return False
+    ranks = bad or list(range(len(flags)))
+    if skipped >= limit:
+        from trainer.errors import NonFiniteError  # errors imports the checkpoint and data stacks
+
+        raise NonFiniteError(
+            f"non-finite loss or grad norm at step {step} on rank(s) {ranks} (loss {loss}, grad_norm "
+            f"{grad_norm}); training.skip_nonfinite={limit} skips exhausted"
+        )
+    log.warning("skipping step %d: non-finite loss/grad norm on rank(s) %s", step, ranks)
+    return True
 
 
 def global_grad_norm(

@@ -23,10 +23,10 @@ from trainer import distributed
 from trainer.checkpoint import Checkpointer, capture_rng_state, check_writable, restore_rng_state
 from trainer.config import Config, ConfigError, config_to_dict, save_config
 from trainer.data import build_dataloader, load_tokenizer
-from trainer.errors import ModelLoadError, NonFiniteError, one_line
+from trainer.errors import ModelLoadError, one_line
 from trainer.hf_export import export_hf
 from trainer.logging_utils import setup_logging
-from trainer.loss import clip_gradients, count_valid, global_grad_norm
+from trainer.loss import clip_gradients, count_valid, global_grad_norm, mean_loss, skip_nonfinite
 from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
 from trainer.optim import build_optimizer, build_scheduler
 
@@ -129,6 +129,8 @@ class Trainer:
         self.pp_mesh = sub_mesh(self.mesh, "pp")
         self.pp_group = self.pp_mesh.get_group() if self.dims.pp > 1 else None
         self.fsdp_size = self.dims.dp * self.dims.cp
+        t = cfg.training
+        self.tokens_per_step = t.seq_len * t.micro_batch_size * t.grad_accum * self.dims.dp
         if self.dims.cp > 1:
             log.info(
                 "context parallelism active: %s cp=%d (ring=%d x ulysses=%d), %s layout, %d tokens/rank",
@@ -216,17 +218,12 @@ class Trainer:
             loss, norm, skipped = self.ds.train_step(batches, self.step, self.skipped_steps)
             self.skipped_steps += int(skipped)
             self.scheduler.step()
-            tokens = (
-                cfg.training.seq_len * cfg.training.micro_batch_size * cfg.training.grad_accum * self.dp_size
-            )
-            return StepResult(loss, norm, tokens, skipped)
-        global_valid = count_valid(batches, self.dp_group)
+            return StepResult(loss, norm, self.tokens_per_step, skipped)
+        global_valid = count_valid(batches, self.dp_group, self.device)
         self.model.loss_scale = self.fsdp_size / max(global_valid, 1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        shards = []
-        for batch in batches:
-            local = shard_batch(batch, self.cp_size, self.cp_rank, cfg.parallel.cp_layout)
-            shards.append({k: v.to(self.device, non_blocking=True) for k, v in local.items()})
+        layout = cfg.parallel.cp_layout
+        shards = [shard_batch(b, self.cp_size, self.cp_rank, layout, self.device) for b in batches]
         if self.pipeline is not None:
             # All micro-batches of the step go through the pipeline schedule together.
             cat = {k: torch.cat([b[k] for b in shards]) for k in shards[0]}
@@ -239,39 +236,25 @@ class Trainer:
                 loss = self.model(b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"])
                 loss.backward()
                 loss_sum += loss.detach().double().sum()
-        # Each rank holds local_sum * fsdp_size / global_valid: the sum over dp x cp ranks / fsdp_size is the mean.
-        dist.all_reduce(loss_sum, group=self.dp_cp_group)
-        if self.pp_group is not None:  # only the last stage has a loss
-            dist.all_reduce(loss_sum, group=self.pp_group)
-        loss_value = (loss_sum / self.fsdp_size).item()
+        loss_value = mean_loss(loss_sum, self.fsdp_size, self.dp_cp_group, self.pp_group)
         grad_norm = global_grad_norm(self.params, self.pp_group)
-        finite = torch.tensor(
-            [
-                float(torch.isfinite(grad_norm))
-                * float(loss_value == loss_value and abs(loss_value) != float("inf"))
-            ]
+        skipped = skip_nonfinite(
+            loss_sum.item(),
+            loss_value,
+            grad_norm.item(),
+            self.step + 1,
+            self.skipped_steps,
+            cfg.training.skip_nonfinite,
+            self.device,
         )
-        everyone = [torch.zeros(1) for _ in range(self.world)]
-        dist.all_gather(everyone, finite)
-        bad_ranks = [r for r, f in enumerate(everyone) if f.item() == 0]
-        skipped = False
-        if bad_ranks:
-            if self.skipped_steps >= cfg.training.skip_nonfinite:
-                raise NonFiniteError(
-                    f"non-finite loss or grad norm at step {self.step + 1} on rank(s) {bad_ranks} "
-                    f"(loss {loss_value}, grad_norm {grad_norm.item()}); "
-                    f"training.skip_nonfinite={cfg.training.skip_nonfinite} skips exhausted"
-                )
+        if skipped:
             self.skipped_steps += 1
-            skipped = True
-            log.warning("skipping step %d: non-finite loss/grad norm on rank(s) %s", self.step + 1, bad_ranks)
         else:
             clip_gradients(self.params, cfg.training.max_grad_norm, grad_norm)
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = cfg.training.seq_len * cfg.training.micro_batch_size * cfg.training.grad_accum * self.dp_size
-        return StepResult(loss_value, grad_norm.item(), tokens, skipped)
+        return StepResult(loss_value, grad_norm.item(), self.tokens_per_step, skipped)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def _extra_state(self) -> dict:

@@ -72,6 +72,10 @@ def gather(x: torch.Tensor, group: dist.ProcessGroup, layout: str, dim: int = 1)
     return unshard(parts, layout, dim)
 
 
-def shard_batch(batch: dict[str, torch.Tensor], cp: int, rank: int, layout: str) -> dict[str, torch.Tensor]:
-    """Shard every [batch, seq] tensor of a batch (input_ids, labels, position_ids, doc_ids, ...)."""
-    return {k: shard(v, cp, rank, layout, dim=1) if v.dim() >= 2 else v for k, v in batch.items()}
+def shard_batch(
+    batch: dict[str, torch.Tensor], cp: int, rank: int, layout: str, device=None
+) -> dict[str, torch.Tensor]:
+    """Shard every [batch, seq] tensor of a batch (input_ids, labels, position_ids, doc_ids, ...), then move
+    the shards (not the full sequences) to `device`."""
+    out = {k: shard(v, cp, rank, layout, dim=1) if v.dim() >= 2 else v for k, v in batch.items()}
+    return out if device is None else {k: v.to(device, non_blocking=True) for k, v in out.items()}
