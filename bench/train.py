@@ -66,7 +66,10 @@ MODELS = {
 }
 
 
-def make_config(model: str, seq: int, strategy: str, cp: int, ac: str = "full", offload: bool = False):
+def make_config(
+    model: str, seq: int, strategy: str, cp: int, ac: str = "full", offload: bool = False, overrides=None
+):
+    """The bench's Config; `overrides` maps dotted keys ("parallel.mlp_chunks") to values, applied last."""
     from trainer.config import Config
 
     cfg = Config()
@@ -77,7 +80,24 @@ def make_config(model: str, seq: int, strategy: str, cp: int, ac: str = "full", 
     cfg.parallel.activation_checkpointing = ac
     cfg.parallel.fsdp_cpu_offload = offload
     cfg.training.seq_len = seq
+    for key, value in (overrides or {}).items():
+        *path, leaf = key.split(".")
+        node = cfg
+        for part in path:
+            node = getattr(node, part)
+        if not hasattr(node, leaf):
+            raise KeyError(f"unknown config key {key!r}")
+        setattr(node, leaf, value)
     return cfg
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'label:key=value,key=value' -> (label, {key: value}); values parsed as YAML scalars."""
+    import yaml
+
+    label, _, body = text.partition(":")
+    pairs = [kv.split("=", 1) for kv in body.split(",") if kv.strip()]
+    return label.strip(), {k.strip(): yaml.safe_load(v) for k, v in pairs}
 
 
 def build_longctx(cfg, world: int):
@@ -203,13 +223,14 @@ def measure(
     steps: int,
     offload: bool = False,
     ac: str = "full",
+    overrides: dict | None = None,
 ) -> dict:
     from transformers import AutoConfig
 
     from trainer.metrics import flops_per_token
 
     strategy = "ring" if impl == "peer" else impl
-    cfg = make_config(model, seq, strategy, cp=world, ac=ac, offload=offload)
+    cfg = make_config(model, seq, strategy, cp=world, ac=ac, offload=offload, overrides=overrides)
     fields = dict(cfg.model.config)
     hf_cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
     if impl == "peer":
@@ -260,6 +281,12 @@ def main() -> None:
         "--peer-seqs", type=int, nargs="*", default=None, help="seq lens for the peer (default all)"
     )
     ap.add_argument("--ac", nargs="+", default=["full"], help="activation checkpointing modes (longctx rows)")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help="'label:key=value,...' config overrides (e.g. 'offload:parallel.activation_offload=true'); repeat",
+    )
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=None)
@@ -268,18 +295,29 @@ def main() -> None:
     rows = []
     for model in args.model:
         for seq in args.seqs:
-            runs = [(i, a) for i in args.impls for a in (["full"] if i == "peer" else args.ac)]
-            for impl, ac in runs:
+            variants = [parse_variant(v) for v in args.variant or ["base:"]]
+            runs = [
+                (i, a, v)
+                for i in args.impls
+                for a in (["full"] if i == "peer" else args.ac)
+                for v in (variants[:1] if i == "peer" else variants)
+            ]
+            for impl, ac, (label, overrides) in runs:
                 if impl == "peer" and args.peer_seqs is not None and seq not in args.peer_seqs:
                     continue
                 gc.collect()
                 torch.cuda.empty_cache()
                 try:
-                    row = measure(model, seq, impl, world, rank, args.warmup, args.steps, ac=ac)
+                    row = measure(
+                        model, seq, impl, world, rank, args.warmup, args.steps, ac=ac, overrides=overrides
+                    )
                 except torch.OutOfMemoryError as e:
-                    row = dict(model=model, impl=impl, seq=seq, error=f"OOM: {str(e)[:120]}")
+                    row = dict(model=model, impl=impl, seq=seq, ac=ac, error=f"OOM: {str(e)[:120]}")
                 except Exception as e:  # keep the rest of the table
-                    row = dict(model=model, impl=impl, seq=seq, error=f"{type(e).__name__}: {str(e)[:200]}")
+                    row = dict(
+                        model=model, impl=impl, seq=seq, ac=ac, error=f"{type(e).__name__}: {str(e)[:200]}"
+                    )
+                row["variant"] = "peer" if impl == "peer" else label
                 rows.append(row)
                 log0(row)
                 gc.collect()
@@ -303,6 +341,7 @@ def main() -> None:
                 "impl",
                 "seq",
                 "ac",
+                "variant",
                 "step_s",
                 "tok_s_gpu",
                 "mfu_pct",
