@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 
 from models.loss import chunked_cross_entropy_sum
+from models.offload import HostOffload
 
 
 @dataclass
@@ -51,6 +51,7 @@ class CausalLMStage(nn.Module):
         self.cp: CPSpec | None = None
         self.doc_mask = True  # False: doc_ids (if passed) are ignored and attention is plain causal
         self.ac_layers: set[str] = set()
+        self.ac_group = 1  # >1: checkpoint runs of this many layers around the per-layer checkpoints
         self.offload_activations = False
         self.keep_attention = False  # with checkpointed layers: reuse attention outputs in the recompute
         self.sequence_shards = None  # (to_shard, to_full) with TP sequence parallel (parallel/tp.py)
@@ -60,6 +61,14 @@ class CausalLMStage(nn.Module):
     def _layer(layer: nn.Module, h: torch.Tensor, **kwargs) -> torch.Tensor:
         out = layer(h, attention_mask=None, **kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+    def _run_layers(self, layers: list[tuple[str, nn.Module]], h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        for name, layer in layers:
+            if name in self.ac_layers and torch.is_grad_enabled():
+                h = checkpoint(self._layer, layer, h, use_reentrant=False, **kwargs)
+            else:
+                h = self._layer(layer, h, **kwargs)
+        return h
 
     def forward(
         self,
@@ -86,16 +95,22 @@ class CausalLMStage(nn.Module):
         rope = self.model.rotary_emb(h, position_ids)
         if self.sequence_shards is not None and self.is_first:
             h = self.sequence_shards[0](h)  # the residual stream is split over TP between layers
-        # Activation offload: tensors saved for backward (with full AC: only the layer inputs) wait in
-        # pinned host memory instead of on the GPU.
-        offload = save_on_cpu(pin_memory=h.is_cuda) if self.offload_activations else contextlib.nullcontext()
+        # Activation offload: tensors saved for backward (with full AC: only the layer inputs; with
+        # ac_group: only the group inputs) wait in pinned host memory instead of on the GPU.
+        offload = HostOffload() if self.offload_activations else contextlib.nullcontext()
+        kwargs = dict(position_ids=position_ids, position_embeddings=rope, cp_context=ctx)
+        layers = list(self.model.layers.items())
         with offload:
-            for name, layer in self.model.layers.items():
-                kwargs = dict(position_ids=position_ids, position_embeddings=rope, cp_context=ctx)
-                if name in self.ac_layers and torch.is_grad_enabled():
-                    h = checkpoint(self._layer, layer, h, use_reentrant=False, **kwargs)
-                else:
-                    h = self._layer(layer, h, **kwargs)
+            if self.ac_group > 1 and torch.is_grad_enabled():
+                # Two-level checkpointing: the forward keeps one input per group; backward rebuilds a
+                # group's layer inputs (an extra forward of its first g-1 layers: torch's recompute stops
+                # once the last input exists) and then each layer's internals as usual. Held at once:
+                # n/g group inputs + g layer inputs instead of n layer inputs.
+                for i in range(0, len(layers), self.ac_group):
+                    group = layers[i : i + self.ac_group]
+                    h = checkpoint(self._run_layers, group, h, kwargs, use_reentrant=False)
+            else:
+                h = self._run_layers(layers, h, kwargs)
         if not self.is_last:
             return h, position_ids, doc_ids, labels
         if self.sequence_shards is not None:

@@ -41,6 +41,7 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
         apply_cp(stage, ring, uly, layout=pcfg.cp_layout, kernel=cfg.model.attn_kernel)
     stage.ac_layers = checkpointed_layers(list(stage.model.layers.keys()), pcfg.activation_checkpointing)
     stage.keep_attention = keeps_attention(pcfg.activation_checkpointing)
+    stage.ac_group = pcfg.ac_group
     stage.offload_activations = pcfg.activation_offload
     tile_mlps(stage, pcfg.mlp_chunks)
     if pcfg.compile:

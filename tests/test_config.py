@@ -154,6 +154,8 @@ def test_enum_suggestion(yaml_path):
         (["parallel.dp=0"], "parallel.dp", "-1"),
         (["parallel.dp=4", "parallel.dp_replicate=3"], "parallel.dp_replicate", "divide"),
         (["data.max_doc_tokens=0"], "data.max_doc_tokens", ">= 1"),
+        (["parallel.ac_group=0"], "parallel.ac_group", ">= 1"),
+        (["parallel.ac_group=4"], "parallel.ac_group", "activation_checkpointing=full"),
         (["optim.lr=-1"], "optim.lr", ">= 0"),
         (["optim.beta2=1.0"], "optim.beta2", "[0, 1)"),
         (["optim.eps=0"], "optim.eps", "> 0"),

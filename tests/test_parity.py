@@ -94,7 +94,7 @@ LAYOUTS_4 = [
     ),
     ("dp2-cp2", "llama", ["parallel.dp=2", "parallel.cp=2"]),
     (
-        "dp2-cp2-offload-tiled-mlp",
+        "dp2-cp2-offload-tiled-mlp-ac-group",
         "llama",
         [
             "parallel.dp=2",
@@ -102,6 +102,7 @@ LAYOUTS_4 = [
             "parallel.activation_offload=true",
             "parallel.mlp_chunks=4",
             "parallel.activation_checkpointing=full",
+            "parallel.ac_group=2",
         ],
     ),
     ("tp2-cp2", "llama", ["parallel.tp=2", "parallel.cp=2"]),

@@ -102,8 +102,10 @@ class ParallelConfig:
     """Microbatches per pipeline step; default = pp."""
     activation_checkpointing: str = "none"
     """none | full | selective (every other layer) | full_keep_attn (full, but attention outputs are kept, not recomputed)."""
+    ac_group: int = 1
+    """With activation_checkpointing=full: also checkpoint runs of this many layers (two-level), so the forward keeps one input per group (n/g + g layer inputs at once instead of n) for an extra forward of (g-1)/g of the layers; with activation_offload only the group inputs go to the host. For million-token contexts."""
     activation_offload: bool = False
-    """Offload saved activations to pinned CPU memory."""
+    """Offload saved activations (with checkpointing: the layer or group inputs) to pinned CPU memory, copied on a side stream."""
     mlp_chunks: int = 1
     """Tile each MLP over the sequence in this many chunks (recomputed in backward) to cut its activation peak."""
     compile: bool = False

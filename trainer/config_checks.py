@@ -34,7 +34,8 @@ _CHOICES = {
 }
 _POSITIVE = (
     "data.num_proc data.max_doc_tokens parallel.dp_replicate parallel.tp parallel.pp parallel.cp "
-    "parallel.ulysses parallel.pp_microbatches parallel.gpus_per_node parallel.mlp_chunks training.seq_len "
+    "parallel.ulysses parallel.pp_microbatches parallel.gpus_per_node parallel.mlp_chunks parallel.ac_group "
+    "training.seq_len "
     "training.micro_batch_size training.init_timeout_min training.step_timeout_min "
     "training.grad_accum training.steps training.loss_chunk logging.every"
 ).split()
@@ -93,6 +94,12 @@ def validate(cfg: Config) -> None:
     elif p.ulysses != 1 and not p.auto:
         what = "ulysses uses ulysses=cp" if p.cp_strategy == "ulysses" else "ring uses ulysses=1"
         raise ConfigError("parallel.ulysses", f"only used with cp_strategy=hybrid ({what}); leave it at 1")
+    if p.ac_group > 1 and p.activation_checkpointing != "full":
+        raise ConfigError(
+            "parallel.ac_group",
+            f"groups of checkpointed layers need activation_checkpointing=full "
+            f"(got {p.activation_checkpointing!r}); leave ac_group at 1",
+        )
     if p.device_memory_gib is not None and p.device_memory_gib <= 0:
         raise ConfigError("parallel.device_memory_gib", f"must be > 0, got {p.device_memory_gib}")
     if p.cp > 1 and not p.auto:  # parallel.auto replaces cp (and checks the new one)
