@@ -224,6 +224,7 @@ def measure(
     offload: bool = False,
     ac: str = "full",
     overrides: dict | None = None,
+    profile: str | None = None,
 ) -> dict:
     from transformers import AutoConfig
 
@@ -241,6 +242,9 @@ def measure(
     torch.cuda.reset_peak_memory_stats()
     t = run_steps(step, warmup, steps)
     kernel_calls = calls.pop() // max(warmup + steps, 1)
+    peak = max_over_ranks(torch.cuda.max_memory_allocated() / 2**30)
+    if profile:
+        profile_step(step, profile, f"{model} {impl} seq={seq} ac={ac}")
     tok_gpu = seq / world / t
     return dict(
         model=model,
@@ -250,9 +254,26 @@ def measure(
         step_s=t,
         tok_s_gpu=tok_gpu,
         mfu_pct=100 * tok_gpu * flops_per_token(hf_cfg, seq) / PEAK_BF16,
-        peak_gib=max_over_ranks(torch.cuda.max_memory_allocated() / 2**30),
+        peak_gib=peak,
         attn_fwd_calls_per_step=kernel_calls,
     )
+
+
+def profile_step(step, path: str, title: str) -> None:
+    """One more step under torch.profiler; rank 0 appends the top GPU kernels by total time to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    if dist.get_rank() == 0:
+        with open(path, "a") as f:
+            f.write(f"\n## {title}\n")
+            f.write(
+                prof.key_averages().table(
+                    sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70
+                )
+            )
 
 
 def _count_kernel_calls() -> list:
@@ -287,6 +308,9 @@ def main() -> None:
         default=None,
         help="'label:key=value,...' config overrides (e.g. 'offload:parallel.activation_offload=true'); repeat",
     )
+    ap.add_argument(
+        "--profile", default=None, help="file: profile one extra step per row, append the top GPU ops"
+    )
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=None)
@@ -309,7 +333,16 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 try:
                     row = measure(
-                        model, seq, impl, world, rank, args.warmup, args.steps, ac=ac, overrides=overrides
+                        model,
+                        seq,
+                        impl,
+                        world,
+                        rank,
+                        args.warmup,
+                        args.steps,
+                        ac=ac,
+                        overrides=overrides,
+                        profile=args.profile,
                     )
                 except torch.OutOfMemoryError as e:
                     row = dict(model=model, impl=impl, seq=seq, ac=ac, error=f"OOM: {str(e)[:120]}")
