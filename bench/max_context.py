@@ -1,6 +1,11 @@
 """Longest sequence that trains one full step (fwd, bwd, AdamW) without OOM, for a model and CP layout.
 
     python -m bench.max_context --model 8b --cp 2 --strategy ring --offload --lo 65536 --hi 1048576
+    python -m bench.max_context --model 8b --cp 2 --engine deepspeed --lo 65536 --hi 1048576
+
+--engine fsdp2 (default) probes bench.train's FSDP2 step (--offload: parallel.fsdp_cpu_offload);
+--engine deepspeed probes bench.engines' ds_z3_offload row (ZeRO-3, parameters and optimizer on the CPU,
+torch AdamW; --offload is implied). --tiny --device cpu run the deepspeed probes on CPU (smoke test).
 
 Each probe is a fresh `torchrun` (an OOM on one rank would otherwise leave the other stuck in a
 collective); a probe that fails or outlives --probe-timeout counts as too long. Binary search over
@@ -19,14 +24,23 @@ import subprocess
 import sys
 
 RESULT = "MAXCTX_RESULT "
+DEEPSPEED_ROW = "ds_z3_offload"  # the bench.engines row that --engine deepspeed probes
 
 
 def probe_child(args) -> None:
+    if args.engine == "deepspeed":
+        return probe_child_deepspeed(args)
     import torch
 
     from bench.common import init_dist
     from bench.train import measure
 
+    if args.offload:  # offloaded grads: the grad norm is a CPU collective (bench.engines.init_process_group)
+        from bench.engines import init_process_group
+
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        init_process_group(torch.device("cuda", local))
     rank, world = init_dist()
     try:
         row = measure(
@@ -37,6 +51,28 @@ def probe_child(args) -> None:
         row = dict(ok=False, seq=args.probe, error=f"OOM: {str(e)[:160]}")
     if rank == 0:
         row["gpu_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+        print(RESULT + json.dumps(row), flush=True)
+    torch.distributed.destroy_process_group()
+
+
+def probe_child_deepspeed(args) -> None:
+    """One step of bench.engines' ds_z3_offload row at --probe tokens (its errors, OOM included, come
+    back in the row)."""
+    import torch
+
+    from bench import engines
+
+    opts = engines.parse_args(
+        ["--model", args.model, "--device", args.device, "--strategy", args.strategy]
+        + ["--seqs", str(args.probe), "--engines", DEEPSPEED_ROW, "--warmup", "0", "--steps", "1"]
+        + (["--tiny"] if args.tiny else [])
+    )
+    device, mesh, dims = engines.setup(opts)
+    row = engines.run_row(opts, DEEPSPEED_ROW, args.probe, mesh, dims, device)
+    row["ok"] = "error" not in row
+    if torch.distributed.get_rank() == 0:
+        if device.type == "cuda":
+            row["gpu_total_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
         print(RESULT + json.dumps(row), flush=True)
     torch.distributed.destroy_process_group()
 
@@ -56,9 +92,15 @@ def run_probe(args, seq: int) -> dict:
         args.model,
         "--strategy",
         args.strategy,
+        "--engine",
+        args.engine,
+        "--device",
+        args.device,
     ]
     if args.offload:
         cmd.append("--offload")
+    if args.tiny:
+        cmd.append("--tiny")
     # Own session, so a timed-out probe's ranks die with it instead of holding GPU memory for the next one.
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -84,6 +126,14 @@ def main() -> None:
     ap.add_argument(
         "--offload", action="store_true", help="parallel.fsdp_cpu_offload (params/grads/optimizer on CPU)"
     )
+    ap.add_argument(
+        "--engine",
+        default="fsdp2",
+        choices=["fsdp2", "deepspeed"],
+        help="deepspeed: ZeRO-3 with parameters and optimizer offloaded to the CPU (bench.engines)",
+    )
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: --engine deepspeed only")
+    ap.add_argument("--tiny", action="store_true", help="a tiny Llama (--engine deepspeed only; smoke test)")
     ap.add_argument("--lo", type=int, default=65536)
     ap.add_argument("--hi", type=int, default=1 << 20)
     ap.add_argument("--granularity", type=int, default=32768)
@@ -94,6 +144,10 @@ def main() -> None:
     ap.add_argument("--probe", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.engine == "fsdp2" and (args.device != "cuda" or args.tiny):
+        ap.error(
+            "--device cpu and --tiny need --engine deepspeed (the fsdp2 probe is bench.train's, CUDA only)"
+        )
     if args.probe is not None:
         return probe_child(args)
 
@@ -106,7 +160,8 @@ def main() -> None:
         print(
             f"seq {seq:>8d}: "
             + (
-                f"ok, step {r['step_s']:.1f} s, peak {r['peak_gib']:.1f} GiB"
+                f"ok, step {r['step_s']:.1f} s"
+                + (f", peak {r['peak_gib']:.1f} GiB" if r.get("peak_gib") is not None else "")
                 if r["ok"]
                 else f"FAILED {r['error']}"
             ),
@@ -132,7 +187,7 @@ def main() -> None:
                     lo, best = mid, mid * g
                 else:
                     hi = mid
-    ok = [r for r in results if r["ok"]]
+    ok = [r for r in results if r["ok"] and r.get("peak_gib") is not None]  # no GPU memory on CPU
     estimate = None
     if len(ok) >= 2:  # peak memory is linear in the length once weights are fixed: fit and extrapolate
         (s0, m0), (s1, m1) = [(r["seq"], r["peak_gib"]) for r in sorted(ok, key=lambda r: r["seq"])[-2:]]
@@ -140,18 +195,21 @@ def main() -> None:
         limit = ok[-1].get("gpu_total_gib", 79.0) - 2.0
         if slope > 0:
             estimate = int(s1 + (limit - m1) / slope)
+    offloaded = args.offload or args.engine == "deepspeed"  # the deepspeed probe always offloads
     summary = dict(
         date=datetime.date.today().isoformat(),
         model=args.model,
+        engine=args.engine,
         cp=args.cp,
         strategy=args.strategy,
-        offload=args.offload,
+        offload=offloaded,
         longest_ok=best,
         linear_estimate=estimate,
         probes=results,
     )
     print(
-        f"\n{args.model} cp={args.cp} {args.strategy} offload={args.offload}: longest measured step {best} tokens"
+        f"\n{args.model} {args.engine} cp={args.cp} {args.strategy} offload={offloaded}: "
+        f"longest measured step {best} tokens"
         + (f"; linear memory fit reaches the card at ~{estimate} tokens (estimate)" if estimate else "")
     )
     if args.out:
