@@ -81,6 +81,9 @@ def make_config(
     cfg.parallel.fsdp_cpu_offload = offload
     cfg.training.seq_len = seq
     for key, value in (overrides or {}).items():
+        if key.startswith("model.config."):  # a field of the HF model config dict
+            cfg.model.config[key.removeprefix("model.config.")] = value
+            continue
         *path, leaf = key.split(".")
         node = cfg
         for part in path:
@@ -297,6 +300,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", nargs="+", default=["1b"], choices=sorted(MODELS))
     ap.add_argument("--seqs", type=int, nargs="+", default=[32768, 65536, 131072])
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="override num_hidden_layers (a shallower model of the same shape)",
+    )
     ap.add_argument("--impls", nargs="+", default=["ring", "ulysses", "peer"])
     ap.add_argument(
         "--peer-seqs", type=int, nargs="*", default=None, help="seq lens for the peer (default all)"
@@ -320,6 +329,11 @@ def main() -> None:
     for model in args.model:
         for seq in args.seqs:
             variants = [parse_variant(v) for v in args.variant or ["base:"]]
+            if args.layers:
+                variants = [
+                    (f"{label}-L{args.layers}", {**o, "model.config.num_hidden_layers": args.layers})
+                    for label, o in variants
+                ]
             runs = [
                 (i, a, v)
                 for i in args.impls

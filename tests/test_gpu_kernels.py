@@ -25,6 +25,8 @@ SHAPES = [
     (1, 4, 4, 200, 200, 128, True),  # not a multiple of the tile
     (2, 8, 8, 128, 384, 64, False),  # Sq != Sk
     (1, 8, 2, 384, 128, 128, False),  # GQA, Sq > Sk
+    (1, 4, 2, 1, 1, 64, True),  # single-token block (packed documents): cuDNN hands it to flash
+    (1, 4, 2, 1, 64, 64, False),
 ]
 DTYPES = [torch.bfloat16, torch.float16]
 

@@ -141,7 +141,15 @@ def flash_backward(
 # ---------------------------------------------------------------------------------------------
 # cudnn: aten's cuDNN fused attention (fastest on Hopper with torch >= 2.5).
 # ---------------------------------------------------------------------------------------------
+def _cudnn_rejects(q: Tensor, k: Tensor) -> bool:
+    # cuDNN refuses single-token blocks ("s_q = s_kv = 1 is not supported"); packed documents produce
+    # them. Such blocks cost nothing, so the flash op takes them (same out/lse contract, either backward).
+    return q.shape[2] == 1 or k.shape[2] == 1
+
+
 def cudnn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    if _cudnn_rejects(q, k):
+        return flash_forward(q, k, v, causal, scale)
     b, h, sq = q.shape[:3]
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q, _expand_kv(k, h), _expand_kv(v, h), None, True, 0.0, causal, False, scale=scale
@@ -153,6 +161,8 @@ def cudnn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -
 def cudnn_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if _cudnn_rejects(q, k):
+        return flash_backward(dout, q, k, v, out, lse, causal, scale)
     h, hkv = q.shape[1], k.shape[1]
     sq, sk = q.shape[2], k.shape[2]
     philox = torch.zeros((), dtype=torch.int64, device=q.device)  # read only with dropout > 0
