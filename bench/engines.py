@@ -106,6 +106,8 @@ def engine_config(opts, engine: str, seq: int, world: int, device: torch.device)
         "output_dir": opts.workdir,
         **ENGINES[engine],
     }
+    if opts.ds_config and overrides["parallel.engine"] == "deepspeed":
+        overrides["deepspeed.config"] = opts.ds_config  # merged with the derived values, as in training
     if opts.tiny:
         overrides["model.config"] = dict(TINY)
     if device.type == "cpu":
@@ -378,6 +380,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--strategy", default="ring", choices=["ring", "ulysses"], help="CP over all ranks")
     ap.add_argument("--seqs", type=int, nargs="+", default=[65536, 131072])
     ap.add_argument("--engines", nargs="+", default=DEFAULT_ENGINES, choices=sorted(ENGINES))
+    ap.add_argument(
+        "--ds-config", default=None, help="deepspeed.config for the deepspeed rows (e.g. pin_memory, buckets)"
+    )
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument(
