@@ -24,6 +24,9 @@ def run(cfg, flags) -> int:
     except USER_ERRORS as exc:  # bad data, checkpoint, path, non-finite loss: one line, no traceback
         sys.stderr.write(f"error: {one_line(exc)}\n")
         return 1
+    except Exception:
+        distributed.exit_if_peers_wait()
+        raise
     finally:
         distributed.cleanup()
     return 0

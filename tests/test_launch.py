@@ -115,3 +115,38 @@ def test_local_dry_run(tmp_path):
     assert words[-4:] == [str(ROOT / "train.py"), "--config", "configs/demo.yaml", "training.steps=2"]
     default = _dry_run(["bash", str(LOCAL), "--config", "x.yaml"], env)
     assert default[default.index("--nproc_per_node") + 1].isdigit()
+
+
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
+def test_one_failing_rank_stops_the_job_quickly(backend):
+    """A rank that raises must not hang in the process-group tear-down while its peer waits in a
+    collective (NCCL's destroy can block until the collective timeout, here 5 minutes): the job exits
+    non-zero within seconds with the failing rank's traceback."""
+    import sys
+    import time
+
+    import torch
+
+    if backend == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    root = Path(__file__).resolve().parents[1]
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "tests/fail_one_rank.py",
+            backend,
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert res.returncode != 0
+    assert "injected failure on rank 1" in res.stderr
+    assert time.monotonic() - t0 < 120

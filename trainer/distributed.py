@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -61,3 +63,15 @@ def shorten_timeout(minutes: float) -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_if_peers_wait() -> None:
+    """Call from an `except` block. With peers, a rank that hit an unexpected error must not run the
+    graceful tear-down: destroy_process_group can block behind the collective its peers are stuck in,
+    until the NCCL timeout. It prints the traceback and exits now; torchrun then stops the other ranks.
+    Alone, it returns and the caller re-raises."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
