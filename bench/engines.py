@@ -169,7 +169,9 @@ class Fsdp2Row:
             loss = self.stage(b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"])
             loss.backward()
             loss_sum += loss.detach().double().sum()
-        clip_gradients(self.params, cfg.training.max_grad_norm, global_grad_norm(self.params))
+        clip_gradients(
+            self.params, cfg.training.max_grad_norm, global_grad_norm(self.params, device=self.device)
+        )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return mean_loss(loss_sum, self.fsdp_size, self.dp_cp_group)
@@ -398,31 +400,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return opts
 
 
-def init_process_group(device: torch.device) -> None:
-    """The trainer's process group, except that on CUDA CPU tensors get a gloo backend next to NCCL.
-
-    Why: under parallel.fsdp_cpu_offload the gradients live on the CPU, and trainer.loss.global_grad_norm
-    all-reduces their squared norm (one float64 scalar) on the gradients' device; the trainer's NCCL-only
-    group cannot reduce a CPU tensor ("No backend type associated with device type cpu"). GPU tensors
-    still go through NCCL, so this changes no GPU traffic. No `device_id`: with it DeviceMesh splits its
-    sub-groups off the NCCL communicator (split_group), which may not carry the gloo backend along;
-    without it they are new groups that inherit both backends."""
-    from trainer.distributed import init_distributed
-
-    if device.type == "cuda" and "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl", timeout=datetime.timedelta(minutes=30))
-    init_distributed(device)  # the trainer's own set-up (a no-op once the group exists)
-
-
 def setup(opts: argparse.Namespace):
-    """Device and process group (see init_process_group), and the one mesh every row uses (all engines
+    """Device and the trainer's process group, and the one mesh every row uses (all engines
     share the dp x cp layout: cp = world). Returns (device, mesh, dims)."""
     from bench.train import make_config
     from parallel.dims import ParallelDims
-    from trainer.distributed import pick_device
+    from trainer.distributed import init_distributed, pick_device
 
     device = pick_device(opts.device)  # also sets expandable_segments, as the trainer does
-    init_process_group(device)
+    init_distributed(device)
     world = dist.get_world_size()
     pcfg = make_config(opts.model, max(opts.seqs), opts.strategy, cp=world).parallel
     dims = ParallelDims.from_config(pcfg, world)

@@ -35,12 +35,6 @@ def probe_child(args) -> None:
     from bench.common import init_dist
     from bench.train import measure
 
-    if args.offload:  # offloaded grads: the grad norm is a CPU collective (bench.engines.init_process_group)
-        from bench.engines import init_process_group
-
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        init_process_group(torch.device("cuda", local))
     rank, world = init_dist()
     try:
         row = measure(

@@ -138,7 +138,9 @@ def longctx_step_fn(stage, cfg, world: int, rank: int):
             shard(t, cp, cp_rank, cfg.parallel.cp_layout, dim=1) for t in (ids[:, :-1], ids[:, 1:], pos)
         )
         stage(x, p, labels=y).backward()
-        clip_gradients(params, 1.0, global_grad_norm(params))
+        clip_gradients(
+            params, 1.0, global_grad_norm(params, device=torch.device("cuda", torch.cuda.current_device()))
+        )
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -75,19 +75,23 @@ def skip_nonfinite(
 
 
 def global_grad_norm(
-    params: list[torch.nn.Parameter], pp_group: dist.ProcessGroup | None = None
+    params: list[torch.nn.Parameter],
+    pp_group: dist.ProcessGroup | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """L2 norm of all gradients across every shard (FSDP, TP) and pipeline stage, as a plain scalar.
 
     Squares of the local shards are summed per (mesh, placements) group and all-reduced only over the mesh
     dimensions that shard them (replicated dimensions hold identical copies): one or two small collectives
-    per group instead of one per tensor."""
+    per group instead of one per tensor. `device` is where the collectives run (the training device): with
+    FSDP CPU offload the gradients live on the host, which an NCCL group cannot reduce."""
     groups: dict[object, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
             key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
             groups.setdefault(key, []).append(p.grad)
-    device = params[0].device if params else torch.device("cpu")
+    if device is None:
+        device = params[0].device if params else torch.device("cpu")
     total = torch.zeros((), dtype=torch.float64, device=device)
     for key, grads in groups.items():
         local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]

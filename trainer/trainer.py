@@ -237,7 +237,7 @@ class Trainer:
                 loss.backward()
                 loss_sum += loss.detach().double().sum()
         loss_value = mean_loss(loss_sum, self.fsdp_size, self.dp_cp_group, self.pp_group)
-        grad_norm = global_grad_norm(self.params, self.pp_group)
+        grad_norm = global_grad_norm(self.params, self.pp_group, self.device)
         skipped = skip_nonfinite(
             loss_sum.item(),
             loss_value,
