@@ -78,7 +78,9 @@ def test_kernel_matches_float64(name, dtype, shape, strided):
     for got, want, label in zip((dq, dk, dv), ref, ("dq", "dk", "dv")):
         assert got.shape == want.shape, f"{name} {label} shape {tuple(got.shape)} != {tuple(want.shape)}"
         assert torch.isfinite(got).all(), f"{name} {label} not finite"
-        assert rel(got, want) < 2e-2, f"{name} {label} rel err {rel(got, want):.2e}"
+        # A one-key causal block has dq = 0 exactly: rounding noise there is judged absolutely.
+        err = rel(got, want) if want.abs().max() > 1e-6 else (got.double() - want).abs().max().item()
+        assert err < 2e-2, f"{name} {label} err {err:.2e}"
 
 
 def test_select_kernel_on_cuda():
