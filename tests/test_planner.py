@@ -312,3 +312,29 @@ def test_calibrate_needs_gpu(capsys):
 
     assert main(["--out", "unused.json"]) == 1
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def _ulysses_rate(rank, world):
+    import torch
+
+    from parallel.planner.calibrate import measure_ulysses_rate
+
+    return measure_ulysses_rate(
+        torch.device("cpu"), tokens=256, heads=8, kv_heads=2, head_dim=16, dtype=torch.float32
+    )
+
+
+def test_calibrate_times_the_real_ulysses_exchange():
+    """The all-to-all rate the planner uses is measured on the exchange Ulysses runs, with the volume
+    formula the cost model divides by it (one function for both)."""
+    import math
+
+    from parallel.planner import cost
+    from parallel.planner.calibrate import ulysses_exchange_bytes
+    from tests.dist import run_distributed
+
+    assert ulysses_exchange_bytes is cost.ulysses_exchange_bytes
+    # q (8 heads) + k, v (2 each) out and the output (8) back, half of it to the other rank, fp32.
+    assert ulysses_exchange_bytes(256, 8, 2, 16, 2, 4) == 4 * 256 * 20 * 16 / 2
+    rates = run_distributed(_ulysses_rate, 2)
+    assert all(math.isfinite(r) and r > 0 for r in rates)

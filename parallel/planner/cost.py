@@ -64,6 +64,14 @@ class StepTime:
         return {**asdict(self), "total": self.total, "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu}
 
 
+def ulysses_exchange_bytes(
+    tokens: int, heads: int, kv_heads: int, head_dim: int, degree: int, nbytes: int
+) -> float:
+    """Bytes one rank sends per Ulysses forward (q, k, v out and the attention output back); the
+    calibration's `alltoall_gibps` is measured on this very exchange (parallel/planner/calibrate.py)."""
+    return nbytes * tokens * (2 * heads + 2 * kv_heads) * head_dim * (degree - 1) / degree
+
+
 def group_spans(layout: Layout) -> dict[str, int]:
     """How many consecutive ranks each group's members spread over (innermost dims are contiguous)."""
     t, u, c = layout.tp, layout.ulysses, layout.cp
@@ -118,7 +126,7 @@ def step_time(
         cp_bwd += (r - 1) * max(0.0, kv + dkv - bwd_step) + dkv
     if layout.ulysses > 1:
         u = layout.ulysses
-        vol = b * tm * (2 * rv.heads + 2 * rv.kv_heads) * d * (u - 1) / u
+        vol = ulysses_exchange_bytes(tm, rv.heads, rv.kv_heads, d, u, b)
         a2a = vol / rates.bandwidth("alltoall", intra["ulysses"])
         cp_fwd += a2a
         cp_bwd += a2a
