@@ -1,4 +1,5 @@
-"""parallelize_llama: TP -> CP -> activation checkpointing -> compile -> FSDP2, for Llama, Qwen2 and Mistral.
+"""parallelize_llama: TP -> CP -> lean norms -> activation checkpointing -> compile -> FSDP2, for Llama, Qwen2
+and Mistral.
 
 The order matters: TP first turns the projections into DTensors (so the attention sees its local heads);
 CP only needs those local heads; checkpointing and compile wrap the finished layers (compile after TP so
@@ -11,6 +12,7 @@ from __future__ import annotations
 from torch.distributed.device_mesh import DeviceMesh
 
 from models.causal_lm import CausalLMStage, tile_mlps
+from models.norm import lean_norms
 from models.registry import DTYPES, register_family
 from parallel.ac import checkpointed_layers, keeps_attention
 from parallel.cp.api import apply_cp, groups_for_strategy
@@ -39,6 +41,8 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
             ulysses_group=sub_mesh(mesh, "ulysses").get_group(),
         )
         apply_cp(stage, ring, uly, layout=pcfg.cp_layout, kernel=cfg.model.attn_kernel)
+    if not (dims.tp > 1 and pcfg.sequence_parallel):  # sequence parallel runs the norms on DTensors
+        lean_norms(stage)
     stage.ac_layers = checkpointed_layers(list(stage.model.layers.keys()), pcfg.activation_checkpointing)
     stage.keep_attention = keeps_attention(pcfg.activation_checkpointing)
     stage.ac_group = pcfg.ac_group
