@@ -148,7 +148,10 @@ class RingAttention(torch.autograd.Function):
             if step + 1 < comm.size:
                 comm.wait(works)
                 cur_k, cur_v = nk, nv
-        out = out.to(q.dtype)
+        # Cast into [B, S, H, D] memory seen as [B, H, S, D]: the caller's transpose back to HF's layout is
+        # then free, and the tensor saved here is the one o_proj saves (no second [T, h] copy per layer).
+        final = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+        out = final.copy_(out)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
         return out, lse
