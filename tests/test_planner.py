@@ -131,20 +131,21 @@ def test_memory_arithmetic_exact():
     assert (mem.params, mem.grads, mem.optimizer) == (4 * 43424, 4 * 43424, 8 * 43424)
     # root 2*12864 + head grad 2*6400 + two gathered layers 2*2*36992 + one layer's grads (2+4)*36992
     assert mem.gathered == 25728 + 12800 + 147968 + 221952
-    # per token: norms 2*(4+2)*64 = 768, q/k/v 2*(4+2*2)*16 = 256, out 2*2*4*16 = 256, lse 16,
-    # mlp 4*2*128 = 1024 -> 2320; T = 32: 2 layers + 1 working layer + final norm 6*64*32
-    assert mem.activations == 3 * 2320 * 32 + 12288
+    # per token: norms (models/norm.py) 2*(2*64 + 4) = 264, q/k/v 2*(4+2*2)*16 = 256, out (pure ring: one
+    # copy) 2*4*16 = 128, lse 16, mlp 4*2*128 = 1024 -> 1688; T = 32: 2 layers + 1 working layer + final
+    # norm (2*64 + 4)*32
+    assert mem.activations == 3 * 1688 * 32 + 132 * 32
     # fp32 out/dq 4*4*16 + lse 16 + dk/dv 8*2*16 = 528, ring: 2 kv blocks 4*2*2*16 + dkv 8*2*16 = 512
     assert mem.attention == (528 + 512) * 32
     assert mem.logits == 16 * 100 * (2 + 8)
     # peak = static + max(layer phase, loss phase); attention buffers only beyond the freed MLP (4*2*128*32)
     assert (mem.saved_activations, mem.mlp_working, mem.gathered_root) == (
-        2 * 2320 * 32,
+        2 * 1688 * 32,
         32768,
         25728 + 12800,
     )
-    layer_phase = 408448 + 235008 + (33280 - 32768)
-    loss_phase = 38528 + 2 * 2320 * 32 + 16000
+    layer_phase = 408448 + 166272 + (33280 - 32768)
+    loss_phase = 38528 + 2 * 1688 * 32 + 16000
     assert mem.total == 2 * 173696 + 347392 + max(layer_phase, loss_phase)
 
 
@@ -338,3 +339,12 @@ def test_calibrate_times_the_real_ulysses_exchange():
     assert ulysses_exchange_bytes(256, 8, 2, 16, 2, 4) == 4 * 256 * 20 * 16 / 2
     rates = run_distributed(_ulysses_rate, 2)
     assert all(math.isfinite(r) and r > 0 for r in rates)
+
+
+def test_norm_bytes_follow_the_norm_in_use():
+    from parallel.planner.memory import norm_bytes
+
+    b, h = 2, SMALL.hidden
+    lean = norm_bytes(SMALL, Layout(1, 2, 1, 2, 1, "zigzag"), Workload(seq_len=64))
+    hf = norm_bytes(SMALL, Layout(1, 2, 1, 2, 1, "zigzag"), Workload(seq_len=64, sequence_parallel=True))
+    assert (lean, hf) == (b * h + 4, (4 + b) * h)  # HF's norm (fp32 upcast kept) stays under TP + SP

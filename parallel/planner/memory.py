@@ -13,14 +13,17 @@ the step's grad_accum*micro_batch sequences form m = pp_microbatches microbatche
                              one prefetched, one layer's unsharded grad with its fp32 reduce copy
                              (reshard_after_forward=false keeps all Ls layers gathered instead)
     activations / layer / token, flash-style attention (no S^2 term):
-        A = 2*(4 + b)*h                         two RMSNorms: fp32 upcast of the input + normed output
-                                                (replicated over tp unless sequence_parallel)
+        A = 2*(b*h + 4)                         two RMSNorms (models/norm.py): normed output + fp32 1/rms
+                                                (HF's norms, kept under TP sequence parallel: 2*(4 + b)*h
+                                                with their fp32 upcast; replicated over tp unless SP)
           + b*(a_r + 2*k_r)*d                   q, k, v after RoPE (after the Ulysses exchange)
-          + 2*b*a_r*d + 4*a_r                   attention output (kernel copy + o_proj input), fp32 LSE
+          + n_o*b*a_r*d + 4*a_r                 attention output: n_o = 1 for the pure ring (written where
+                                                o_proj reads it), 2 otherwise (kernel copy + o_proj input);
+                                                fp32 LSE
           + 4*b*ceil(I/t)                       gate, up, SiLU(gate), SiLU(gate)*up
     activations              none: Ls*A*Tf;  full: Ls*b*h*Tf;  selective: half the layers each
-                             (+ A*Tm for the layer being recomputed / back-propagated, + (4+b)*h*Tm for
-                             the final norm); Tf = tokens in flight = Tm * (m for GPipe, min(p, m) else)
+                             (+ A*Tm for the layer being recomputed / back-propagated, + the final
+                             norm's A/2*Tm); Tf = tokens in flight = Tm * (m for GPipe, min(p, m) else)
     attention buffers        Tm * [4*a_r*d + 4*a_r + 8*k_r*d]      fp32 out/dQ, LSE, dK/dV
                              ring R>1: + Tm * [4*b*k_r*d + 8*k_r*d]  2 KV blocks + 1 dKV block in flight
                              Ulysses U>1: + Tm * 2*b*(a_r + 2*k_r)*d  all-to-all send/receive copies
@@ -170,14 +173,22 @@ def rank_view(shape: ModelShape, layout: Layout, work: Workload) -> RankView:
     )
 
 
+def norm_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
+    """What one RMSNorm keeps per token: models/norm.py's normed output and fp32 1/rms, or - under TP
+    sequence parallel, where HF's norm stays - its fp32 upcast of the input as well."""
+    b, h = work.compute_bytes, shape.hidden
+    return (4 + b) * h if layout.tp > 1 and work.sequence_parallel else b * h + 4
+
+
 def layer_activation_bytes(shape: ModelShape, layout: Layout, work: Workload, tokens: int) -> int:
     """Saved activations of one decoder layer for `tokens` local tokens, no checkpointing."""
     b, d, rv = work.compute_bytes, shape.head_dim, rank_view(shape, layout, work)
     rep_tokens = tokens // layout.tp if work.sequence_parallel else tokens
-    replicated = 2 * (4 + b) * shape.hidden * rep_tokens
+    replicated = 2 * norm_bytes(shape, layout, work) * rep_tokens
+    out_copies = 1 if layout.ring > 1 and layout.ulysses == 1 else 2
     per_token = (
         b * (rv.heads + 2 * rv.kv_heads) * d
-        + 2 * b * rv.heads * d
+        + out_copies * b * rv.heads * d
         + 4 * rv.heads
         + 4 * b * math.ceil(shape.intermediate / layout.tp)
     )
@@ -190,7 +201,7 @@ def saved_activation_bytes(shape: ModelShape, layout: Layout, work: Workload) ->
     return (
         activation_bytes(shape, layout, work)
         - layer_activation_bytes(shape, layout, work, rv.mb_tokens)
-        - (4 + work.compute_bytes) * shape.hidden * rv.mb_tokens
+        - norm_bytes(shape, layout, work) * rv.mb_tokens
     )
 
 
@@ -206,7 +217,7 @@ def activation_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
     if mode == "full_keep_attn":  # the kept attention output (compute dtype) and fp32 LSE of every layer
         saved += ls * tf * rv.heads * (b * shape.head_dim + 4)
     working = layer_activation_bytes(shape, layout, work, tm)
-    return saved + working + (4 + b) * h * tm
+    return saved + working + norm_bytes(shape, layout, work) * tm
 
 
 def attention_buffer_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
