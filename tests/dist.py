@@ -49,6 +49,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
+        # Rank 0 hosts the TCPStore: it must not tear down while a peer still sets up a sub-group through
+        # it (seen as "Connection reset by peer" in new_group on a loaded CI machine).
+        dist.barrier()
         # Plain pickle copies tensor data; the queue's own pickler would pass shared-memory handles that
         # die with this process before the parent reads them.
         queue.put((rank, "ok", pickle.dumps(result)))
