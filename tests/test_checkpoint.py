@@ -126,6 +126,7 @@ def _two_rank_checks(rank: int, world_size: int, out: str) -> dict:
     assert names == ["step_00000004", "step_00000005"], names
     marker = json.loads(Path(out, "checkpoints", "step_00000005", MARKER).read_text())
     assert marker["world_size"] == world_size and marker["layout"] == {"dp": world_size}
+    dist.barrier()  # every rank has listed the directory before rank 0 adds to it
 
     # a newer dir without marker (interrupted save) is ignored by auto; explicit path to it errors
     if rank == 0:
