@@ -135,8 +135,9 @@ def test_memory_arithmetic_exact():
     # copy) 2*4*16 = 128, lse 16, mlp 4*2*128 = 1024 -> 1688; T = 32: 2 layers + 1 working layer + final
     # norm (2*64 + 4)*32
     assert mem.activations == 3 * 1688 * 32 + 132 * 32
-    # fp32 out/dq 4*4*16 + lse 16 + dk/dv 8*2*16 = 528, ring: 2 kv blocks 4*2*2*16 + dkv 8*2*16 = 512
-    assert mem.attention == (528 + 512) * 32
+    # fp32 out/dq 4*4*16 + lse 16 + dk/dv 8*2*16 = 528; backward: dO 2*4*16 + bf16 dq/dk/dv 2*8*16 + O/dO
+    # block copies 2*4*16 + residual grads 2*2*64 = 768; ring: 2 kv blocks 4*2*2*16 + dkv 8*2*16 = 512
+    assert mem.attention == (528 + 768 + 512) * 32
     assert mem.logits == 16 * 100 * (2 + 8)
     # peak = static + max(layer phase, loss phase); attention buffers only beyond the freed MLP (4*2*128*32)
     assert (mem.saved_activations, mem.mlp_working, mem.gathered_root) == (
@@ -144,7 +145,7 @@ def test_memory_arithmetic_exact():
         32768,
         25728 + 12800,
     )
-    layer_phase = 408448 + 166272 + (33280 - 32768)
+    layer_phase = 408448 + 166272 + (57856 - 32768)
     loss_phase = 38528 + 2 * 1688 * 32 + 16000
     assert mem.total == 2 * 173696 + 347392 + max(layer_phase, loss_phase)
 
@@ -348,3 +349,23 @@ def test_norm_bytes_follow_the_norm_in_use():
     lean = norm_bytes(SMALL, Layout(1, 2, 1, 2, 1, "zigzag"), Workload(seq_len=64))
     hf = norm_bytes(SMALL, Layout(1, 2, 1, 2, 1, "zigzag"), Workload(seq_len=64, sequence_parallel=True))
     assert (lean, hf) == (b * h + 4, (4 + b) * h)  # HF's norm (fp32 upcast kept) stays under TP + SP
+
+
+def test_memory_switches_in_the_model():
+    """activation_offload, ac_group and mlp_chunks move the predicted activations the way the code does."""
+    shape = ModelShape.from_hf(hf_of(config(LLAMA_8B, 8192)))
+    lay = Layout(1, 1, 1, 2, 1, "zigzag")
+
+    def act(**kw):
+        return memory_breakdown(
+            shape, lay, Workload(seq_len=262144, activation_checkpointing="full", **kw)
+        ).activations
+
+    tokens, h, layers = 262144 // 2, shape.hidden, shape.layers
+    inputs = 2 * h * tokens
+    base = act()
+    # groups of 4: 8 group inputs kept instead of 32 layer inputs, 3 rebuilt ones in backward
+    assert base - act(ac_group=4) == (layers - layers // 4 - 3) * inputs
+    # offload: no saved inputs on the GPU, the one being back-propagated comes back
+    assert base - act(activation_offload=True) == (layers - 1) * inputs
+    assert act(mlp_chunks=8) < base

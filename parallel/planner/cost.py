@@ -110,6 +110,9 @@ def step_time(
     chunked = work.seq_len // layout.cp > max(1, work.loss_chunk // rv.mb_seqs)
     attn_recompute = 0.0 if work.activation_checkpointing == "full_keep_attn" else attention / 3.5
     recompute = ac * (mm_layers / 3 + attn_recompute) + (mm_head / 3 if chunked else 0.0)
+    g = min(work.ac_group, ls) if work.activation_checkpointing == "full" else 1
+    if g > 1:  # rebuilding a group's layer inputs: one more forward of g - 1 of its g layers
+        recompute += (g - 1) / g * (mm_layers / 3 + attention / 3.5)
 
     # Per layer and microbatch; attention time per ring step is what a KV transfer can hide behind. Only
     # the balanced share counts: a transfer (and an FSDP collective) waits for the least busy rank too.

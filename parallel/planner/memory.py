@@ -21,10 +21,14 @@ the step's grad_accum*micro_batch sequences form m = pp_microbatches microbatche
                                                 o_proj reads it), 2 otherwise (kernel copy + o_proj input);
                                                 fp32 LSE
           + 4*b*ceil(I/t)                       gate, up, SiLU(gate), SiLU(gate)*up
-    activations              none: Ls*A*Tf;  full: Ls*b*h*Tf;  selective: half the layers each
+    activations              none: Ls*A*Tf;  full: Ls*b*h*Tf (ac_group g: ceil(Ls/g)*b*h*Tf, + (g-1)*b*h*Tm
+                             rebuilt in backward); selective: half the layers each; activation_offload:
+                             the saved part is on the host (0 here); mlp_chunks c: the MLP term / c
                              (+ A*Tm for the layer being recomputed / back-propagated, + the final
                              norm's A/2*Tm); Tf = tokens in flight = Tm * (m for GPipe, min(p, m) else)
     attention buffers        Tm * [4*a_r*d + 4*a_r + 8*k_r*d]      fp32 out/dQ, LSE, dK/dV
+                             + Tm * b*[3*a_r*d + 2*k_r*d + 2*h]    dO, bf16 dq/dk/dv, kernel copies of O/dO
+                                                                   blocks, the residual stream's gradients
                              ring R>1: + Tm * [4*b*k_r*d + 8*k_r*d]  2 KV blocks + 1 dKV block in flight
                              Ulysses U>1: + Tm * 2*b*(a_r + 2*k_r)*d  all-to-all send/receive copies
     LM-head logits           chunk * V * (b + 12): one loss_chunk of logits plus 3 fp32 tensors
@@ -103,6 +107,9 @@ class Workload:
     pp_schedule: str = "1F1B"
     reshard_after_forward: bool = True
     fsdp_cpu_offload: bool = False
+    ac_group: int = 1
+    activation_offload: bool = False
+    mlp_chunks: int = 1
 
     @classmethod
     def from_config(cls, cfg: Any) -> Workload:
@@ -120,6 +127,9 @@ class Workload:
             pp_schedule=p.pp_schedule,
             reshard_after_forward=p.reshard_after_forward,
             fsdp_cpu_offload=p.fsdp_cpu_offload,
+            ac_group=p.ac_group,
+            activation_offload=p.activation_offload,
+            mlp_chunks=p.mlp_chunks,
         )
 
 
@@ -190,7 +200,7 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout, work: Workload, to
         b * (rv.heads + 2 * rv.kv_heads) * d
         + out_copies * b * rv.heads * d
         + 4 * rv.heads
-        + 4 * b * math.ceil(shape.intermediate / layout.tp)
+        + 4 * b * math.ceil(shape.intermediate / layout.tp) // work.mlp_chunks
     )
     return replicated + per_token * tokens
 
@@ -213,10 +223,16 @@ def activation_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
     inputs = b * h * (tf // layout.tp if work.sequence_parallel else tf)
     mode = work.activation_checkpointing
     ckpt = {"none": 0, "full": ls, "full_keep_attn": ls, "selective": math.ceil(ls / 2)}[mode]
-    saved = (ls - ckpt) * full + ckpt * inputs
+    g = min(work.ac_group, ls) if mode == "full" else 1
+    # Two-level checkpointing keeps one input per group; backward rebuilds the g - 1 others of a group.
+    saved = (ls - ckpt) * full + (math.ceil(ls / g) if g > 1 else ckpt) * inputs
+    reloaded = 0
+    if work.activation_offload:  # every saved tensor of the layers waits in host memory instead ...
+        saved = 0
+        reloaded = inputs // rv.in_flight  # ... but the one being back-propagated comes back
     if mode == "full_keep_attn":  # the kept attention output (compute dtype) and fp32 LSE of every layer
         saved += ls * tf * rv.heads * (b * shape.head_dim + 4)
-    working = layer_activation_bytes(shape, layout, work, tm)
+    working = layer_activation_bytes(shape, layout, work, tm) + (g - 1) * b * h * tm + reloaded
     return saved + working + norm_bytes(shape, layout, work) * tm
 
 
@@ -224,6 +240,10 @@ def attention_buffer_bytes(shape: ModelShape, layout: Layout, work: Workload) ->
     rv = rank_view(shape, layout, work)
     b, d, a, k = work.compute_bytes, shape.head_dim, rv.heads, rv.kv_heads
     per_token = 4 * a * d + 4 * a + 8 * k * d
+    # Backward's own tensors while the attention back-propagates: dO, the bf16 dq/dk/dv results, the
+    # kernels' contiguous copies of O and dO blocks (half the rows each) and the residual stream's two
+    # gradients (the incoming one and the layer input's).
+    per_token += b * a * d + b * (a + 2 * k) * d + b * a * d + 2 * b * shape.hidden
     if layout.ring > 1:
         per_token += 4 * b * k * d + 8 * k * d
     if layout.ulysses > 1:
@@ -302,5 +322,5 @@ def memory_breakdown(
         overhead=overhead_bytes,
         saved_activations=saved_activation_bytes(shape, layout, work),
         gathered_root=gathered_root,
-        mlp_working=4 * b * math.ceil(shape.intermediate / layout.tp) * rv.mb_tokens,
+        mlp_working=4 * b * math.ceil(shape.intermediate / layout.tp) // work.mlp_chunks * rv.mb_tokens,
     )

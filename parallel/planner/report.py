@@ -173,7 +173,7 @@ def format_plan(cfg: Any, world_size: int, hf_config: Any, rows: list[PlanRow], 
         f"head_dim {shape.head_dim}), intermediate {shape.intermediate}, vocab {shape.vocab}",
         f"workload: seq_len {work.seq_len}, micro_batch {work.micro_batch_size}, grad_accum "
         f"{work.grad_accum}, {'bf16' if work.compute_bytes == 2 else 'fp32'} compute, activation "
-        f"checkpointing {work.activation_checkpointing}; times in ms per optimizer step",
+        f"checkpointing {work.activation_checkpointing}{_switches(work)}; times in ms per optimizer step",
         "",
     ]
     valid = [r for r in rows if r.valid]
@@ -252,3 +252,14 @@ def compare_with_measurements(
         t = cell(r.get("pred_step_s"), r.get("meas_step_s"), time_tol, "{:.3f}")
         lines.append("| " + " | ".join([str(r.get("layout", "?")), *mem, *t]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _switches(work) -> str:
+    """The memory switches that are on, as the config spells them."""
+    on = [
+        f"ac_group {work.ac_group}" if work.ac_group > 1 else "",
+        "activation_offload" if work.activation_offload else "",
+        f"mlp_chunks {work.mlp_chunks}" if work.mlp_chunks > 1 else "",
+        "fsdp_cpu_offload" if work.fsdp_cpu_offload else "",
+    ]
+    return "".join(f", {x}" for x in on if x)
