@@ -12,9 +12,12 @@ import torch
 import torch.distributed as dist
 
 
-def init_dist() -> tuple[int, int]:
-    """Join the torchrun process group (NCCL) or run alone; returns (rank, world)."""
+def init_dist(device_type: str = "cuda") -> tuple[int, int]:
+    """Join the torchrun process group (NCCL; gloo for CPU smoke runs) or run alone; returns (rank, world)."""
     if "RANK" in os.environ and not dist.is_initialized():
+        if device_type == "cpu":
+            dist.init_process_group("gloo")
+            return dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local))
@@ -54,7 +57,10 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float
 
 
 def max_over_ranks(x: float) -> float:
-    t = torch.tensor([x], device="cuda", dtype=torch.float64)
+    on_gpu = dist.is_initialized() and dist.get_backend() == "nccl" or not dist.is_initialized()
+    t = torch.tensor(
+        [x], device="cuda" if on_gpu and torch.cuda.is_available() else "cpu", dtype=torch.float64
+    )
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
@@ -89,3 +95,18 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
             cells.append(f"{v:.1f}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def random_batches(cfg, step: int) -> list[dict[str, torch.Tensor]]:
+    """One micro-batch in the data loader's format (int64 CPU tensors [1, S]), the same on every rank
+    (seeded by the step): random tokens, one document, positions 0..S-1."""
+    seq, vocab = cfg.training.seq_len, cfg.model.config["vocab_size"]
+    ids = torch.randint(0, vocab, (1, seq + 1), generator=torch.Generator().manual_seed(step))
+    return [
+        dict(
+            input_ids=ids[:, :-1],
+            labels=ids[:, 1:],
+            position_ids=torch.arange(seq)[None],
+            doc_ids=torch.zeros(1, seq, dtype=torch.long),
+        )
+    ]

@@ -40,7 +40,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import log0, markdown_table, write_results
+from bench.common import log0, markdown_table, random_batches, write_results
 
 ENGINES: dict[str, dict[str, object]] = {
     "fsdp2_offload": {"parallel.engine": "fsdp2", "parallel.fsdp_cpu_offload": True},
@@ -96,7 +96,6 @@ COLUMNS = [
 def engine_config(opts, engine: str, seq: int, world: int, device: torch.device):
     """bench.train's config for the model (CP = world, full AC) plus the engine's keys, validated."""
     from bench.train import make_config
-    from trainer.config import validate
 
     overrides: dict[str, object] = {
         "training.device": device.type,
@@ -113,7 +112,6 @@ def engine_config(opts, engine: str, seq: int, world: int, device: torch.device)
     if device.type == "cpu":
         overrides["model.dtype"] = "float32"  # the CPU attention path of the tests; bf16 is the GPU setting
     cfg = make_config(opts.model, seq, opts.strategy, cp=world, ac="full", overrides=overrides)
-    validate(cfg)  # the trainer's checks: a layout the trainer would refuse is not measured either
     return cfg
 
 
@@ -141,40 +139,25 @@ def build_stage(cfg, mesh, dims, device: torch.device):
 
 
 class Fsdp2Row:
-    """FSDP2 (optionally CPU-offloaded): the fsdp2 branch of Trainer.train_step (no pipeline, no skip of
-    non-finite steps)."""
+    """FSDP2 (optionally CPU-offloaded): the trainer's own step (trainer/step.py), no pipeline."""
 
     def __init__(self, cfg, mesh, dims, device: torch.device) -> None:
-        from parallel.dims import sub_mesh, sub_rank_and_size
         from trainer.optim import build_optimizer
+        from trainer.step import StepGroups
 
         self.cfg, self.device = cfg, device
         self.stage = build_stage(cfg, mesh, dims, device)
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim)
-        self.dp_group = sub_mesh(mesh, "dp").get_group()
-        self.dp_cp_group = sub_mesh(mesh, "dp_cp").get_group()
-        self.fsdp_size = dims.dp * dims.cp
-        self.cp_rank, self.cp_size = sub_rank_and_size(mesh, "cp")
+        self.groups = StepGroups.from_mesh(mesh, dims)
 
     def step(self, batches: list[dict[str, torch.Tensor]], step: int) -> float:
-        from parallel.cp.sharding import shard_batch
-        from trainer.loss import clip_gradients, count_valid, global_grad_norm, mean_loss
+        from trainer.step import fsdp2_step
 
-        cfg = self.cfg
-        self.stage.loss_scale = self.fsdp_size / max(count_valid(batches, self.dp_group, self.device), 1)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for batch in batches:
-            b = shard_batch(batch, self.cp_size, self.cp_rank, cfg.parallel.cp_layout, self.device)
-            loss = self.stage(b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"])
-            loss.backward()
-            loss_sum += loss.detach().double().sum()
-        clip_gradients(
-            self.params, cfg.training.max_grad_norm, global_grad_norm(self.params, device=self.device)
+        loss, _, _ = fsdp2_step(
+            self.stage, self.params, self.optimizer, batches, self.groups, self.cfg, self.device, step, 0
         )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return mean_loss(loss_sum, self.fsdp_size, self.dp_cp_group)
+        return loss
 
     def close(self) -> None:
         self.optimizer = self.params = self.stage = None
@@ -203,21 +186,6 @@ class DeepSpeedRow:
 
 
 # ---- measuring ----------------------------------------------------------------------------------------
-def random_batches(cfg, step: int) -> list[dict[str, torch.Tensor]]:
-    """One micro-batch in the data loader's format (int64 CPU tensors [1, S]), the same on every rank
-    (seeded by the step): random tokens, one document, positions 0..S-1."""
-    seq, vocab = cfg.training.seq_len, cfg.model.config["vocab_size"]
-    ids = torch.randint(0, vocab, (1, seq + 1), generator=torch.Generator().manual_seed(step))
-    return [
-        dict(
-            input_ids=ids[:, :-1],
-            labels=ids[:, 1:],
-            position_ids=torch.arange(seq)[None],
-            doc_ids=torch.zeros(1, seq, dtype=torch.long),
-        )
-    ]
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

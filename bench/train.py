@@ -19,7 +19,15 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import gpu_name, init_dist, log0, markdown_table, max_over_ranks, write_results
+from bench.common import (
+    gpu_name,
+    init_dist,
+    log0,
+    markdown_table,
+    max_over_ranks,
+    random_batches,
+    write_results,
+)
 
 PEAK_BF16 = 989e12
 _LLAMA = dict(
@@ -53,6 +61,16 @@ MODELS = {
         intermediate_size=8192,
         tie_word_embeddings=True,
     ),
+    "tiny": dict(  # CPU smoke runs of the bench itself (tests/test_bench_engines.py)
+        _LLAMA,
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        tie_word_embeddings=False,
+    ),
     "8b": dict(
         _LLAMA,
         hidden_size=4096,
@@ -71,6 +89,7 @@ def make_config(
 ):
     """The bench's Config; `overrides` maps dotted keys ("parallel.mlp_chunks") to values, applied last."""
     from trainer.config import Config
+    from trainer.config_checks import validate
 
     cfg = Config()
     cfg.model.config = dict(MODELS[model])
@@ -91,6 +110,7 @@ def make_config(
         if not hasattr(node, leaf):
             raise KeyError(f"unknown config key {key!r}")
         setattr(node, leaf, value)
+    validate(cfg)  # the trainer's checks: a combination the trainer refuses is not measured either
     return cfg
 
 
@@ -103,46 +123,37 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return label.strip(), {k.strip(): yaml.safe_load(v) for k, v in pairs}
 
 
-def build_longctx(cfg, world: int):
+def build_longctx(cfg, world: int, device: torch.device):
+    """The trainer's model and step on random tokens: FSDP2 + CP via parallelize_llama, trainer/step.py."""
     from models.causal_lm import CausalLMStage
     from models.parallelize import parallelize_llama
     from models.registry import build_hf_model
     from parallel.dims import ParallelDims
 
     dims = ParallelDims.from_config(cfg.parallel, world)
-    mesh = dims.build_mesh("cuda")
-    with torch.device("cuda"):  # random init straight on the GPU (fast); FSDP then shards it
+    mesh = dims.build_mesh(device.type)
+    with device:  # random init straight on the GPU (fast); FSDP then shards it
         hf = build_hf_model(None, cfg.model.config, dtype=torch.float32)
     stage = CausalLMStage(hf, loss_chunk=cfg.training.loss_chunk)
+    stage.doc_mask = False  # one document per sequence: plain causal attention
     parallelize_llama(stage, mesh, dims, cfg)
     stage.train()
-    return stage
+    return stage, mesh, dims, device
 
 
-def longctx_step_fn(stage, cfg, world: int, rank: int):
-    from parallel.cp.sharding import shard
-    from trainer.loss import clip_gradients, global_grad_norm
+def longctx_step_fn(stage, mesh, dims, device, cfg):
     from trainer.optim import build_optimizer
+    from trainer.step import StepGroups, fsdp2_step
 
     params = [p for p in stage.parameters() if p.requires_grad]
     opt = build_optimizer(params, cfg.optim)
-    seq, cp = cfg.training.seq_len, cfg.parallel.cp
-    cp_rank = rank % cp
-    gen = torch.Generator(device="cuda").manual_seed(0)  # same tokens on every rank of the CP group
-    stage.loss_scale = world / seq
+    groups = StepGroups.from_mesh(mesh, dims)
+    count = [0]
 
     def step():
-        ids = torch.randint(0, cfg.model.config["vocab_size"], (1, seq + 1), device="cuda", generator=gen)
-        pos = torch.arange(seq, device="cuda")[None]
-        x, y, p = (
-            shard(t, cp, cp_rank, cfg.parallel.cp_layout, dim=1) for t in (ids[:, :-1], ids[:, 1:], pos)
-        )
-        stage(x, p, labels=y).backward()
-        clip_gradients(
-            params, 1.0, global_grad_norm(params, device=torch.device("cuda", torch.cuda.current_device()))
-        )
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        batches = random_batches(cfg, count[0])  # the same tokens on every rank of the CP group
+        count[0] += 1
+        fsdp2_step(stage, params, opt, batches, groups, cfg, device, count[0] - 1, 0)
 
     return step
 
@@ -203,17 +214,22 @@ def peer_step_fn(cfg, world: int):
     return step
 
 
-def run_steps(step, warmup: int, steps: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_steps(step, warmup: int, steps: int, device: torch.device) -> float:
     """Median seconds per step (host clock after a device sync; steps are seconds long)."""
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    _sync(device)
     times = []
     for _ in range(steps):
         dist.barrier()
         t0 = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return max_over_ranks(sorted(times)[len(times) // 2])
 
@@ -230,6 +246,7 @@ def measure(
     ac: str = "full",
     overrides: dict | None = None,
     profile: str | None = None,
+    device: torch.device | None = None,
 ) -> dict:
     from transformers import AutoConfig
 
@@ -239,15 +256,20 @@ def measure(
     cfg = make_config(model, seq, strategy, cp=world, ac=ac, offload=offload, overrides=overrides)
     fields = dict(cfg.model.config)
     hf_cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cpu":
+        cfg.model.dtype = "float32"  # the CPU kernels' dtype (smoke runs of the bench)
     if impl == "peer":
         step = peer_step_fn(cfg, world)
     else:
-        step = longctx_step_fn(build_longctx(cfg, world), cfg, world, rank)
+        step = longctx_step_fn(*build_longctx(cfg, world, device), cfg)
     calls = _count_kernel_calls()
-    torch.cuda.reset_peak_memory_stats()
-    t = run_steps(step, warmup, steps)
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t = run_steps(step, warmup, steps, device)
     kernel_calls = calls.pop() // max(warmup + steps, 1)
-    peak = max_over_ranks(torch.cuda.max_memory_allocated() / 2**30)
+    peak = max_over_ranks(torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0)
     if profile:
         profile_step(step, profile, f"{model} {impl} seq={seq} ac={ac}")
     tok_gpu = seq / world / t
@@ -322,11 +344,17 @@ def main() -> None:
     ap.add_argument(
         "--profile", default=None, help="file: profile one extra step per row, append the top GPU ops"
     )
+    ap.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: gloo smoke run (--model tiny)"
+    )
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    rank, world = init_dist()
+    rank, world = init_dist(args.device)
+    device = (
+        torch.device("cpu") if args.device == "cpu" else torch.device("cuda", torch.cuda.current_device())
+    )
     rows = []
     for model in args.model:
         for seq in args.seqs:
@@ -346,7 +374,8 @@ def main() -> None:
                 if impl == "peer" and args.peer_seqs is not None and seq not in args.peer_seqs:
                     continue
                 gc.collect()
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 try:
                     row = measure(
                         model,
@@ -359,6 +388,7 @@ def main() -> None:
                         ac=ac,
                         overrides=overrides,
                         profile=args.profile,
+                        device=device,
                     )
                 except torch.OutOfMemoryError as e:
                     row = dict(model=model, impl=impl, seq=seq, ac=ac, error=f"OOM: {str(e)[:120]}")
@@ -370,10 +400,11 @@ def main() -> None:
                 rows.append(row)
                 log0(row)
                 gc.collect()
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     meta = dict(
         date=datetime.date.today().isoformat(),
-        gpu=gpu_name(),
+        gpu=gpu_name() if device.type == "cuda" else "cpu (smoke run)",
         world=world,
         torch=torch.__version__,
         args=vars(args),

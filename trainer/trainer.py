@@ -15,7 +15,6 @@ import torch.distributed as dist
 from models.causal_lm import CausalLMStage, split_layers
 from models.registry import DTYPES, build_hf_model, check_supported, family_of, load_hf_config
 from parallel.cp.kernels import select_kernel
-from parallel.cp.sharding import shard_batch
 from parallel.dims import ParallelDims, sub_mesh, sub_rank_and_size
 from parallel.planner import resolve_auto
 from parallel.pp import Pipeline
@@ -26,9 +25,9 @@ from trainer.data import build_dataloader, load_tokenizer
 from trainer.errors import ModelLoadError, one_line
 from trainer.hf_export import export_hf
 from trainer.logging_utils import setup_logging
-from trainer.loss import clip_gradients, count_valid, global_grad_norm, mean_loss, skip_nonfinite
 from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.step import StepGroups, fsdp2_step
 
 log = logging.getLogger("longctx")
 
@@ -124,11 +123,8 @@ class Trainer:
         self.mesh = self.dims.build_mesh(self.device.type)
         self.dp_rank, self.dp_size = sub_rank_and_size(self.mesh, "dp")
         self.cp_rank, self.cp_size = sub_rank_and_size(self.mesh, "cp")
-        self.dp_group = sub_mesh(self.mesh, "dp").get_group()
-        self.dp_cp_group = sub_mesh(self.mesh, "dp_cp").get_group()
         self.pp_mesh = sub_mesh(self.mesh, "pp")
-        self.pp_group = self.pp_mesh.get_group() if self.dims.pp > 1 else None
-        self.fsdp_size = self.dims.dp * self.dims.cp
+        self.groups = StepGroups.from_mesh(self.mesh, self.dims)
         t = cfg.training
         self.tokens_per_step = t.seq_len * t.micro_batch_size * t.grad_accum * self.dims.dp
         if self.dims.cp > 1:
@@ -213,48 +209,24 @@ class Trainer:
         return batches, time.perf_counter() - t0
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
-        cfg = self.cfg
         if self.ds is not None:
             loss, norm, skipped = self.ds.train_step(batches, self.step, self.skipped_steps)
-            self.skipped_steps += int(skipped)
-            self.scheduler.step()
-            return StepResult(loss, norm, self.tokens_per_step, skipped)
-        global_valid = count_valid(batches, self.dp_group, self.device)
-        self.model.loss_scale = self.fsdp_size / max(global_valid, 1)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        layout = cfg.parallel.cp_layout
-        shards = [shard_batch(b, self.cp_size, self.cp_rank, layout, self.device) for b in batches]
-        if self.pipeline is not None:
-            # All micro-batches of the step go through the pipeline schedule together.
-            cat = {k: torch.cat([b[k] for b in shards]) for k in shards[0]}
-            for loss in self.pipeline.step(
-                cat["input_ids"], cat["position_ids"], cat["doc_ids"], cat["labels"]
-            ):
-                loss_sum += loss.detach().double().sum()
         else:
-            for b in shards:
-                loss = self.model(b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"])
-                loss.backward()
-                loss_sum += loss.detach().double().sum()
-        loss_value = mean_loss(loss_sum, self.fsdp_size, self.dp_cp_group, self.pp_group)
-        grad_norm = global_grad_norm(self.params, self.pp_group, self.device)
-        skipped = skip_nonfinite(
-            loss_sum.item(),
-            loss_value,
-            grad_norm.item(),
-            self.step + 1,
-            self.skipped_steps,
-            cfg.training.skip_nonfinite,
-            self.device,
-        )
-        if skipped:
-            self.skipped_steps += 1
-        else:
-            clip_gradients(self.params, cfg.training.max_grad_norm, grad_norm)
-            self.optimizer.step()
+            loss, norm, skipped = fsdp2_step(
+                self.model,
+                self.params,
+                self.optimizer,
+                batches,
+                self.groups,
+                self.cfg,
+                self.device,
+                self.step,
+                self.skipped_steps,
+                self.pipeline,
+            )
+        self.skipped_steps += int(skipped)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_value, grad_norm.item(), self.tokens_per_step, skipped)
+        return StepResult(loss, norm, self.tokens_per_step, skipped)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def _extra_state(self) -> dict:

@@ -1,0 +1,42 @@
+"""bench/train.py on 2 CPU processes (gloo, tiny Llama): the harness runs the trainer's step for each
+layout and memory variant, counts the attention recompute, and turns a combination the trainer refuses
+into an error row instead of a measurement."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_train_bench_runs_on_cpu(tmp_path):
+    out = tmp_path / "train.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "bench.train", "--model", "tiny", "--device", "cpu", "--seqs", "256",
+        "--impls", "ring", "ulysses", "--ac", "full", "full_keep_attn",
+        "--variant", "base:", "--variant", "group2-offload:parallel.ac_group=2,parallel.activation_offload=true",
+        "--warmup", "1", "--steps", "1", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["impl"], r["ac"], r["variant"]): r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 8
+    for impl in ("ring", "ulysses"):
+        steps = 2 if impl == "ring" else 1  # local attention calls per layer forward
+        full, kept = rows[(impl, "full", "base")], rows[(impl, "full_keep_attn", "base")]
+        # 2 layers: forward + recompute with full AC, the recompute skips attention with full_keep_attn
+        assert full["attn_fwd_calls_per_step"] == 2 * 2 * steps
+        assert kept["attn_fwd_calls_per_step"] == 2 * steps
+        # one group of 2 layers: the group's recompute re-runs its first layer once more
+        assert rows[(impl, "full", "group2-offload")]["attn_fwd_calls_per_step"] == 5 * steps
+        assert "ac_group" in rows[(impl, "full_keep_attn", "group2-offload")]["error"]
+        for key in (
+            (impl, "full", "base"),
+            (impl, "full_keep_attn", "base"),
+            (impl, "full", "group2-offload"),
+        ):
+            assert "error" not in rows[key] and rows[key]["step_s"] > 0, rows[key]
