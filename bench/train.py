@@ -2,8 +2,11 @@
 
     torchrun --nproc_per_node 2 -m bench.train --model 1b --seqs 32768 65536 131072 --impls ring ulysses peer
 
+    torchrun --nproc_per_node 2 -m bench.train --model tiny --device cpu --seqs 256   # CPU smoke run
+
 Random-init Llama-3.x-shaped models (fp32 masters, bf16 compute via FSDP2 mixed precision), full activation
-checkpointing, random token batches (no data pipeline), AdamW step and grad clipping included. Reports
+checkpointing, random token batches (no data pipeline) through the trainer's own step (trainer/step.py:
+global token count, AdamW, grad clipping, non-finite check). Reports
 tokens/s/GPU, MFU (trainer/metrics.flops_per_token convention, 989 TF/s bf16 peak) and peak memory.
 The peer is what HF accelerate's cp_size does underneath: LlamaForCausalLM (SDPA) + fully_shard + torch
 `context_parallel` (cuDNN SDPA), HF gradient checkpointing, full logits.
