@@ -2,10 +2,14 @@
 
     python -m bench.max_context --model 8b --cp 2 --strategy ring --offload --lo 65536 --hi 1048576
     python -m bench.max_context --model 8b --cp 2 --engine deepspeed --lo 65536 --hi 1048576
+    python -m bench.max_context --model 8b --cp 2 --offload --set parallel.ac_group=4 \
+        --set parallel.activation_offload=true --set parallel.mlp_chunks=8 --lo 262144 --hi 1048576
 
---engine fsdp2 (default) probes bench.train's FSDP2 step (--offload: parallel.fsdp_cpu_offload);
+--engine fsdp2 (default) probes bench.train's FSDP2 step (--offload: parallel.fsdp_cpu_offload; --ac, --set
+KEY=VALUE config overrides such as the memory switches, --layers for a shallower model of the same shape);
 --engine deepspeed probes bench.engines' ds_z3_offload row (ZeRO-3, parameters and optimizer on the CPU,
-torch AdamW; --offload is implied). --tiny --device cpu run the deepspeed probes on CPU (smoke test).
+torch AdamW; --offload is implied). --device cpu runs the probes on gloo (smoke tests: --model tiny for
+fsdp2, --tiny for deepspeed).
 
 Each probe is a fresh `torchrun` (an OOM on one rank would otherwise leave the other stuck in a
 collective); a probe that fails or outlives --probe-timeout counts as too long. Binary search over
@@ -27,6 +31,21 @@ RESULT = "MAXCTX_RESULT "
 DEEPSPEED_ROW = "ds_z3_offload"  # the bench.engines row that --engine deepspeed probes
 
 
+def overrides_of(args) -> dict:
+    """--set KEY=VALUE pairs (values parsed as YAML scalars) and --layers, as bench.train overrides."""
+    import yaml
+
+    out = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE (e.g. parallel.ac_group=4)")
+        out[key.strip()] = yaml.safe_load(value)
+    if args.layers:
+        out["model.config.num_hidden_layers"] = args.layers
+    return out
+
+
 def probe_child(args) -> None:
     if args.engine == "deepspeed":
         return probe_child_deepspeed(args)
@@ -35,16 +54,30 @@ def probe_child(args) -> None:
     from bench.common import init_dist
     from bench.train import measure
 
-    rank, world = init_dist()
+    rank, world = init_dist(args.device)
+    device = (
+        torch.device("cpu") if args.device == "cpu" else torch.device("cuda", torch.cuda.current_device())
+    )
     try:
         row = measure(
-            args.model, args.probe, args.strategy, world, rank, warmup=0, steps=1, offload=args.offload
+            args.model,
+            args.probe,
+            args.strategy,
+            world,
+            rank,
+            warmup=0,
+            steps=1,
+            offload=args.offload,
+            ac=args.ac,
+            overrides=overrides_of(args),
+            device=device,
         )
         row["ok"] = True
     except torch.OutOfMemoryError as e:
         row = dict(ok=False, seq=args.probe, error=f"OOM: {str(e)[:160]}")
     if rank == 0:
-        row["gpu_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+        if device.type == "cuda":
+            row["gpu_total_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
         print(RESULT + json.dumps(row), flush=True)
     torch.distributed.destroy_process_group()
 
@@ -93,6 +126,9 @@ def run_probe(args, seq: int) -> dict:
     ]
     if args.offload:
         cmd.append("--offload")
+    cmd += ["--ac", args.ac] + [f"--set={item}" for item in args.set]
+    if args.layers:
+        cmd += ["--layers", str(args.layers)]
     if args.tiny:
         cmd.append("--tiny")
     # Own session, so a timed-out probe's ranks die with it instead of holding GPU memory for the next one.
@@ -126,7 +162,18 @@ def main() -> None:
         choices=["fsdp2", "deepspeed"],
         help="deepspeed: ZeRO-3 with parameters and optimizer offloaded to the CPU (bench.engines)",
     )
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: --engine deepspeed only")
+    ap.add_argument("--ac", default="full", help="parallel.activation_checkpointing (--engine fsdp2)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override (--engine fsdp2); repeat",
+    )
+    ap.add_argument("--layers", type=int, default=None, help="num_hidden_layers override (--engine fsdp2)")
+    ap.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: gloo smoke runs (tiny models)"
+    )
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama (--engine deepspeed only; smoke test)")
     ap.add_argument("--lo", type=int, default=65536)
     ap.add_argument("--hi", type=int, default=1 << 20)
@@ -138,10 +185,8 @@ def main() -> None:
     ap.add_argument("--probe", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.engine == "fsdp2" and (args.device != "cuda" or args.tiny):
-        ap.error(
-            "--device cpu and --tiny need --engine deepspeed (the fsdp2 probe is bench.train's, CUDA only)"
-        )
+    if args.engine == "fsdp2" and args.tiny:
+        ap.error("--tiny is the deepspeed probe's model; with --engine fsdp2 use --model tiny")
     if args.probe is not None:
         return probe_child(args)
 
@@ -197,6 +242,8 @@ def main() -> None:
         cp=args.cp,
         strategy=args.strategy,
         offload=offloaded,
+        ac=args.ac,
+        overrides=overrides_of(args),
         longest_ok=best,
         linear_estimate=estimate,
         probes=results,

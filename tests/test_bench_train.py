@@ -40,3 +40,26 @@ def test_train_bench_runs_on_cpu(tmp_path):
             (impl, "full", "group2-offload"),
         ):
             assert "error" not in rows[key] and rows[key]["step_s"] > 0, rows[key]
+
+
+def test_max_context_probes_with_memory_switches_on_cpu(tmp_path):
+    """bench.max_context: each probe a fresh torchrun of the trainer's step with the --set overrides; a
+    probe that cannot run (here an unknown key) counts as failed, not as a length that fits."""
+
+    def run(*extra):
+        out = tmp_path / "mc.json"
+        cmd = [
+            sys.executable, "-m", "bench.max_context", "--model", "tiny", "--device", "cpu", "--cp", "2",
+            "--probe-timeout", "240", "--out", str(out), *extra,
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    ok = run(
+        "--probes", "256", "512", "--set", "parallel.ac_group=2", "--set", "parallel.activation_offload=true"
+    )
+    assert ok["longest_ok"] == 512 and all(p["ok"] for p in ok["probes"])
+    assert ok["overrides"] == {"parallel.ac_group": 2, "parallel.activation_offload": True}
+    bad = run("--probes", "256", "--set", "parallel.no_such_key=1")
+    assert bad["longest_ok"] is None and not bad["probes"][0]["ok"]
