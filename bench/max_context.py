@@ -2,6 +2,7 @@
 
     python -m bench.max_context --model 8b --cp 2 --strategy ring --offload --lo 65536 --hi 1048576
     python -m bench.max_context --model 8b --cp 2 --engine deepspeed --lo 65536 --hi 1048576
+    python -m bench.max_context --config configs/llama3_8b_128k.yaml --lo 131072 --hi 1048576
     python -m bench.max_context --model 8b --cp 2 --offload --set parallel.ac_group=4 \
         --set parallel.activation_offload=true --set parallel.mlp_chunks=8 --lo 262144 --hi 1048576
 
@@ -31,11 +32,42 @@ RESULT = "MAXCTX_RESULT "
 DEEPSPEED_ROW = "ds_z3_offload"  # the bench.engines row that --engine deepspeed probes
 
 
+# What a run config contributes to a probe: the model's shape and every setting that changes memory; the
+# sequence length is the probe's, and data/checkpoint/logging keys do not apply to random-token steps.
+CONFIG_KEYS = [
+    "model.dtype",
+    "model.attn_kernel",
+    "training.loss_chunk",
+    *(
+        f"parallel.{k}"
+        for k in (
+            "cp_strategy ulysses cp_layout activation_checkpointing ac_group activation_offload mlp_chunks "
+            "fsdp_cpu_offload reshard_after_forward compile"
+        ).split()
+    ),
+]
+
+
+def config_overrides(path: str) -> dict:
+    """A trainer YAML (validated as train.py does) as bench overrides: the HF config fields of its model
+    (hub id, local dir or inline; random init of that shape) plus CONFIG_KEYS."""
+    from models.registry import load_hf_config
+    from trainer.config import load_config
+
+    cfg = load_config(path, [])
+    hf = load_hf_config(cfg.model.path, cfg.model.config).to_diff_dict()
+    out = {"model.config": {k: v for k, v in hf.items() if k != "transformers_version"}}
+    for key in CONFIG_KEYS:
+        section, leaf = key.split(".")
+        out[key] = getattr(getattr(cfg, section), leaf)
+    return out
+
+
 def overrides_of(args) -> dict:
-    """--set KEY=VALUE pairs (values parsed as YAML scalars) and --layers, as bench.train overrides."""
+    """--config's settings, then --set KEY=VALUE pairs (YAML scalars) and --layers, as bench.train overrides."""
     import yaml
 
-    out = {}
+    out = config_overrides(args.config) if args.config else {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -73,6 +105,8 @@ def probe_child(args) -> None:
             device=device,
         )
         row["ok"] = True
+        if args.config:
+            row["model"] = os.path.basename(args.config)
     except torch.OutOfMemoryError as e:
         row = dict(ok=False, seq=args.probe, error=f"OOM: {str(e)[:160]}")
     if rank == 0:
@@ -127,6 +161,8 @@ def run_probe(args, seq: int) -> dict:
     if args.offload:
         cmd.append("--offload")
     cmd += ["--ac", args.ac] + [f"--set={item}" for item in args.set]
+    if args.config:
+        cmd += ["--config", args.config]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
     if args.tiny:
@@ -162,6 +198,11 @@ def main() -> None:
         choices=["fsdp2", "deepspeed"],
         help="deepspeed: ZeRO-3 with parameters and optimizer offloaded to the CPU (bench.engines)",
     )
+    ap.add_argument(
+        "--config",
+        default=None,
+        help="a train.py YAML: its model shape, cp and memory settings (--engine fsdp2; --set still applies)",
+    )
     ap.add_argument("--ac", default="full", help="parallel.activation_checkpointing (--engine fsdp2)")
     ap.add_argument(
         "--set",
@@ -189,6 +230,17 @@ def main() -> None:
         ap.error("--tiny is the deepspeed probe's model; with --engine fsdp2 use --model tiny")
     if args.probe is not None:
         return probe_child(args)
+    if args.config:  # the layout is the config's: one process per CP rank
+        from trainer.config import load_config
+
+        p = load_config(args.config, []).parallel
+        if max(p.tp, p.pp, p.dp) > 1:
+            ap.error(
+                f"{args.config}: the finder probes CP layouts only (dp = tp = pp = 1); got {p.dp=} {p.tp=} {p.pp=}"
+            )
+        args.cp = p.cp
+        if p.cp_strategy in ("ring", "ulysses"):
+            args.strategy = p.cp_strategy  # (hybrid runs as the config says; the label stays)
 
     results = []
 
@@ -237,7 +289,7 @@ def main() -> None:
     offloaded = args.offload or args.engine == "deepspeed"  # the deepspeed probe always offloads
     summary = dict(
         date=datetime.date.today().isoformat(),
-        model=args.model,
+        model=os.path.basename(args.config) if args.config else args.model,
         engine=args.engine,
         cp=args.cp,
         strategy=args.strategy,

@@ -63,3 +63,14 @@ def test_max_context_probes_with_memory_switches_on_cpu(tmp_path):
     assert ok["overrides"] == {"parallel.ac_group": 2, "parallel.activation_offload": True}
     bad = run("--probes", "256", "--set", "parallel.no_such_key=1")
     assert bad["longest_ok"] is None and not bad["probes"][0]["ok"]
+    # --config: the model shape, CP degree and memory settings of a train.py YAML
+    (tmp_path / "run.yaml").write_text(
+        "model:\n  config: {model_type: llama, vocab_size: 300, hidden_size: 32, intermediate_size: 64,\n"
+        "    num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}\n"
+        "parallel: {cp: 2, cp_strategy: ulysses, activation_checkpointing: full, ac_group: 2}\n"
+    )
+    cfg = run("--config", str(tmp_path / "run.yaml"), "--probes", "256")
+    probe = cfg["probes"][0]
+    assert cfg["model"] == "run.yaml" and cfg["strategy"] == "ulysses" and probe["ok"]
+    assert cfg["overrides"]["model.config"]["hidden_size"] == 32
+    assert probe["attn_fwd_calls_per_step"] == 5  # ulysses, 2 layers in one checkpointed group
