@@ -40,7 +40,7 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
             ring_group=sub_mesh(mesh, "ring").get_group(),
             ulysses_group=sub_mesh(mesh, "ulysses").get_group(),
         )
-        apply_cp(stage, ring, uly, layout=pcfg.cp_layout, kernel=cfg.model.attn_kernel)
+        apply_cp(stage, ring, uly, layout=pcfg.cp_layout, kernel=cfg.model.attn_kernel, accum=pcfg.cp_accum)
     if not (dims.tp > 1 and pcfg.sequence_parallel):  # sequence parallel runs the norms on DTensors
         lean_norms(stage)
     stage.ac_layers = checkpointed_layers(list(stage.model.layers.keys()), pcfg.activation_checkpointing)

@@ -94,7 +94,10 @@ def _check_all(rank, world, seed):
         ref.backward(dout)
 
         ring_g, uly_g = _groups(strategy, world)
-        for dtype, kernel in [(torch.float64, "math"), (torch.float32, "cpu_flash")]:
+        bf16_errs = {}
+        runs = [(torch.float64, "math", "float32"), (torch.float32, "cpu_flash", "float32")]
+        runs += [(torch.bfloat16, "math", "float32"), (torch.bfloat16, "math", "input")]
+        for dtype, kernel, accum in runs:
             ql, kl, vl = (shard(x, world, cp_rank, layout).to(dtype).requires_grad_() for x in (q, k, v))
             local_docs = shard(doc_ids, world, cp_rank, layout) if docs else None
             out = cp_attn_func(
@@ -108,14 +111,23 @@ def _check_all(rank, world, seed):
                 layout=layout,
                 doc_ids=local_docs,
                 kernel=kernel,
+                accum=accum,
             )
             out.backward(shard(dout, world, cp_rank, layout).to(dtype))
             wg = dist.group.WORLD
             got = [gather(t.detach(), wg, layout) for t in (out, ql.grad, kl.grad, vl.grad)]
             want = [ref, qr.grad, kr.grad, vr.grad]
             errs = [rel(g, w) for g, w in zip(got, want)]
+            label = (
+                f"{strategy} causal={causal} {layout} h={h}/{hkv} d={d} b={b} docs={docs} {kernel} {accum}"
+            )
+            if dtype == torch.bfloat16:
+                bf16_errs[accum] = max(errs)
+                if accum == "input":  # bf16 accumulators: bf16-level error, at most a few times fp32's
+                    tol = min(3e-2, 3 * bf16_errs["float32"] + 2e-3)
+                    results.append((f"{label} (bf16)", max(errs), tol))
+                continue
             tol = 1e-10 if dtype == torch.float64 else 1e-5
-            label = f"{strategy} causal={causal} {layout} h={h}/{hkv} d={d} b={b} docs={docs} {kernel}"
             results.append((label, max(errs), tol))
     return results
 

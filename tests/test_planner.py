@@ -369,3 +369,10 @@ def test_memory_switches_in_the_model():
     # offload: no saved inputs on the GPU, the one being back-propagated comes back
     assert base - act(activation_offload=True) == (layers - 1) * inputs
     assert act(mlp_chunks=8) < base
+    # bf16 ring accumulators: out/dQ and dK/dV at 2 instead of 4 bytes per element
+    attn = {
+        acc: memory_breakdown(shape, lay, Workload(seq_len=262144, cp_accum=acc)).attention
+        for acc in ("float32", "input")
+    }
+    a_r, k_r, d = shape.heads, shape.kv_heads, shape.head_dim
+    assert attn["float32"] - attn["input"] == tokens * 2 * (a_r * d + 2 * k_r * d + 2 * k_r * d)

@@ -102,6 +102,8 @@ class ParallelConfig:
     """Microbatches per pipeline step; default = pp."""
     activation_checkpointing: str = "none"
     """none | full | selective (every other layer) | full_keep_attn (full, but attention outputs are kept, not recomputed)."""
+    cp_accum: str = "float32"
+    """float32 | input: dtype of the ring's partial-output and dq/dk/dv accumulators. input (bf16) halves them - 8 GiB each at 512k tokens per GPU for an 8B model - at one extra rounding per ring step; the merge math stays float32."""
     ac_group: int = 1
     """With activation_checkpointing=full: also checkpoint runs of this many layers (two-level), so the forward keeps one input per group (n/g + g layer inputs at once instead of n) for an extra forward of (g-1)/g of the layers; with activation_offload only the group inputs go to the host. For million-token contexts."""
     activation_offload: bool = False

@@ -23,6 +23,7 @@ _CHOICES = {
     "data.on_bad_row": ("error", "skip"),
     "parallel.cp_strategy": ("ring", "ulysses", "hybrid", "auto"),
     "parallel.cp_layout": ("zigzag", "contiguous"),
+    "parallel.cp_accum": ("float32", "input"),
     "parallel.pp_schedule": ("1F1B", "GPipe"),
     "parallel.activation_checkpointing": ("none", "full", "selective", "full_keep_attn"),
     "training.device": ("auto", "cpu", "cuda"),

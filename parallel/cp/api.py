@@ -48,8 +48,10 @@ class CPContext:
         layout: str,
         causal: bool,
         kernel: str = "auto",
+        accum: str = "float32",
     ):
         self.ring = ring
+        self.accum = accum  # ring accumulators: float32 | input (ring.py)
         self.ulysses_group: dist.ProcessGroup | None = ulysses_group
         self.ulysses_size = ulysses_size
         self.plans: list[list[list[Block]]] = (
@@ -140,6 +142,7 @@ def build_context(
     causal: bool = True,
     doc_ids: Tensor | None = None,
     kernel: str = "auto",
+    accum: str = "float32",
 ) -> CPContext:
     """Build the per-batch context. `doc_ids` is this rank's shard [B, seq_local] of per-token document ids
     (packed sequences); attention never crosses documents. Collective over the CP group when doc_ids is given."""
@@ -178,6 +181,7 @@ def build_context(
         layout=layout,
         causal=causal,
         kernel=kernel,
+        accum=accum,
     )
 
 
@@ -197,11 +201,13 @@ def attend(
             q, k, v = (_permute(x, ctx.order) for x in (q, k, v))
     if ctx.keep is not None and key is not None:
         kept = ctx.keep.pop(key, None)  # second call = the checkpoint's recompute: attend no more
-        out, lse = ring_attention(q, k, v, ctx.ring, ctx.plans, kernel, scale, kept, with_lse=True)
+        out, lse = ring_attention(
+            q, k, v, ctx.ring, ctx.plans, kernel, scale, kept, with_lse=True, accum=ctx.accum
+        )
         if kept is None:
             ctx.keep[key] = (out.detach(), lse)
     else:
-        out = ring_attention(q, k, v, ctx.ring, ctx.plans, kernel, scale)
+        out = ring_attention(q, k, v, ctx.ring, ctx.plans, kernel, scale, accum=ctx.accum)
     if group is not None:
         if ctx.restore is not None:
             out = _permute(out, ctx.restore)
@@ -222,12 +228,14 @@ def cp_attn_func(
     doc_ids: Tensor | None = None,
     kernel: str = "auto",
     context: CPContext | None = None,
+    accum: str = "float32",
 ) -> Tensor:
     """Context-parallel attention on local shards, flash-attn style.
 
     q: [B, S_local, H, D]; k, v: [B, S_local, Hkv, D] - this rank's shard in `layout` (see sharding.py);
     the CP rank is ring_rank * ulysses_size + ulysses_rank. Returns this rank's output shard [B, S_local, H, D].
-    Pass a prebuilt `context` to reuse plans across calls (e.g. every layer of a model).
+    Pass a prebuilt `context` to reuse plans across calls (e.g. every layer of a model). `accum`: the ring's
+    accumulator dtype, float32 or input (see ring.py).
     """
     if context is None:
         seq_len = q.shape[1] * _size(ring_group) * _size(ulysses_group)
@@ -239,6 +247,7 @@ def cp_attn_func(
             causal=causal,
             doc_ids=doc_ids,
             kernel=kernel,
+            accum=accum,
         )
     out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), context, softmax_scale)
     return out.transpose(1, 2)
@@ -262,6 +271,7 @@ def apply_cp(
     layout: str = "zigzag",
     kernel: str = "auto",
     causal: bool = True,
+    accum: str = "float32",
 ) -> None:
     """Attach CP attention to a model stage: each forward builds one `CPContext` for all its layers."""
     from models.causal_lm import CPSpec
@@ -275,6 +285,7 @@ def apply_cp(
             causal=causal,
             doc_ids=doc_ids,
             kernel=kernel,
+            accum=accum,
         )
 
     stage.cp = CPSpec(make_context=make_context, seq_shards=_size(ring_group) * _size(ulysses_group))

@@ -3,7 +3,9 @@
 Forward: at step s rank i holds the keys of source rank (i - s) mod R; the transfer of the next block is
 posted (batch_isend_irecv) before the current block is computed, so communication hides under compute
 (NCCL runs the P2P on its own stream; `wait()` only makes the compute stream wait for it). Partial outputs
-are merged in float32 by log-sum-exp.
+are merged by log-sum-exp, in float32 accumulators (`accum="float32"`) or, to halve their memory at
+million-token lengths, in the input dtype (`accum="input"`: the merge math still runs in float32 inside
+`lerp`, with one rounding per ring step).
 
 Backward: keys travel the same way again; dQ accumulates locally. The dK/dV of a block is the sum of what
 every rank computes against it: the owner keeps its own share locally, and the other ranks' shares are
@@ -126,17 +128,24 @@ class RingAttention(torch.autograd.Function):
         kernel: Kernel,
         scale: float,
         kept: tuple[Tensor, Tensor] | None = None,
+        accum: str = "float32",
     ):
-        ctx.comm, ctx.plans, ctx.kernel, ctx.scale = comm, plans, kernel, scale
+        ctx.comm, ctx.plans, ctx.kernel, ctx.scale, ctx.accum = comm, plans, kernel, scale, accum
         if kept is not None:  # output and LSE of an earlier identical forward: only the graph is rebuilt
             out, lse = kept
             ctx.save_for_backward(q, k, v, out, lse)
             ctx.mark_non_differentiable(lse)
             return out, lse
         b, h, s, d = q.shape
-        acc = torch.promote_types(q.dtype, torch.float32)  # merge in fp32 (fp64 for the reference)
-        out = torch.empty(b, h, s, d, dtype=acc, device=q.device)
-        lse = torch.empty((b, h, s), dtype=acc, device=q.device)
+        stat = torch.promote_types(q.dtype, torch.float32)  # LSE in fp32 (fp64 for the reference)
+        acc = _accum_dtype(q.dtype, accum)
+        # [B, S, H, D] memory seen as [B, H, S, D]: the caller's transpose back to HF's layout is free, and
+        # the tensor saved here is the one o_proj saves (no second [T, h] copy per layer).
+        if acc == q.dtype:
+            out = torch.empty(b, s, h, d, dtype=acc, device=q.device).transpose(1, 2)
+        else:
+            out = torch.empty(b, h, s, d, dtype=acc, device=q.device)
+        lse = torch.empty((b, h, s), dtype=stat, device=q.device)
         cur_k, cur_v = k, v
         for step in range(comm.size):
             if step + 1 < comm.size:
@@ -148,10 +157,8 @@ class RingAttention(torch.autograd.Function):
             if step + 1 < comm.size:
                 comm.wait(works)
                 cur_k, cur_v = nk, nv
-        # Cast into [B, S, H, D] memory seen as [B, H, S, D]: the caller's transpose back to HF's layout is
-        # then free, and the tensor saved here is the one o_proj saves (no second [T, h] copy per layer).
-        final = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
-        out = final.copy_(out)
+        if out.dtype != q.dtype:
+            out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device).transpose(1, 2).copy_(out)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -162,7 +169,7 @@ class RingAttention(torch.autograd.Function):
         comm, plans, kernel, scale = ctx.comm, ctx.plans, ctx.kernel, ctx.scale
         b, r = q.shape[0], comm.size
         dout = dout.contiguous()
-        acc = torch.promote_types(q.dtype, torch.float32)
+        acc = _accum_dtype(q.dtype, ctx.accum)
         dq = torch.zeros_like(q, dtype=acc)
         own = torch.zeros((2, *k.shape), dtype=acc, device=k.device)  # this rank's share of its own block
         cur_k, cur_v = k, v
@@ -201,7 +208,15 @@ class RingAttention(torch.autograd.Function):
         if incoming is not None:  # what arrives after the last step is our own block, home
             comm.wait(incoming[1])
             own += incoming[0][0]
-        return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype), None, None, None, None, None, None
+
+
+def _accum_dtype(dtype: torch.dtype, accum: str) -> torch.dtype:
+    if accum == "input":
+        return dtype
+    if accum == "float32":
+        return torch.promote_types(dtype, torch.float32)  # fp64 stays fp64 (the test reference)
+    raise ValueError(f"unknown ring accumulator {accum!r}; choose float32 or input")
 
 
 def ring_attention(
@@ -214,8 +229,10 @@ def ring_attention(
     scale: float,
     kept: tuple[Tensor, Tensor] | None = None,
     with_lse: bool = False,
+    accum: str = "float32",
 ):
     """q [B, H, S, D], k/v [B, Hkv, S, D] (local shards) -> out [B, H, S, D] (and the fp32 LSE [B, H, S]
-    with `with_lse`); plans[step] from `CPContext`. `kept` = (out, lse) of an identical earlier forward."""
-    out, lse = RingAttention.apply(q, k, v, comm, plans, kernel, scale, kept)
+    with `with_lse`); plans[step] from `CPContext`. `kept` = (out, lse) of an identical earlier forward;
+    `accum`: float32 | input, the dtype of the merge and gradient accumulators."""
+    out, lse = RingAttention.apply(q, k, v, comm, plans, kernel, scale, kept, accum)
     return (out, lse) if with_lse else out

@@ -26,7 +26,8 @@ the step's grad_accum*micro_batch sequences form m = pp_microbatches microbatche
                              the saved part is on the host (0 here); mlp_chunks c: the MLP term / c
                              (+ A*Tm for the layer being recomputed / back-propagated, + the final
                              norm's A/2*Tm); Tf = tokens in flight = Tm * (m for GPipe, min(p, m) else)
-    attention buffers        Tm * [4*a_r*d + 4*a_r + 8*k_r*d]      fp32 out/dQ, LSE, dK/dV
+    attention buffers        Tm * [4*a_r*d + 4*a_r + 8*k_r*d]      fp32 out/dQ, LSE, dK/dV (cp_accum=input:
+                                                                   b instead of 4 bytes for out/dQ/dK/dV)
                              + Tm * b*[3*a_r*d + 2*k_r*d + 2*h]    dO, bf16 dq/dk/dv, kernel copies of O/dO
                                                                    blocks, the residual stream's gradients
                              ring R>1: + Tm * [4*b*k_r*d + 8*k_r*d]  2 KV blocks + 1 dKV block in flight
@@ -110,6 +111,7 @@ class Workload:
     ac_group: int = 1
     activation_offload: bool = False
     mlp_chunks: int = 1
+    cp_accum: str = "float32"
 
     @classmethod
     def from_config(cls, cfg: Any) -> Workload:
@@ -130,6 +132,7 @@ class Workload:
             ac_group=p.ac_group,
             activation_offload=p.activation_offload,
             mlp_chunks=p.mlp_chunks,
+            cp_accum=p.cp_accum,
         )
 
 
@@ -239,13 +242,14 @@ def activation_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
 def attention_buffer_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
     rv = rank_view(shape, layout, work)
     b, d, a, k = work.compute_bytes, shape.head_dim, rv.heads, rv.kv_heads
-    per_token = 4 * a * d + 4 * a + 8 * k * d
+    f = 4 if work.cp_accum == "float32" else b  # bytes per element of the ring's accumulators
+    per_token = f * a * d + 4 * a + 2 * f * k * d
     # Backward's own tensors while the attention back-propagates: dO, the bf16 dq/dk/dv results, the
     # kernels' contiguous copies of O and dO blocks (half the rows each) and the residual stream's two
     # gradients (the incoming one and the layer input's).
     per_token += b * a * d + b * (a + 2 * k) * d + b * a * d + 2 * b * shape.hidden
     if layout.ring > 1:
-        per_token += 4 * b * k * d + 8 * k * d
+        per_token += 4 * b * k * d + 2 * f * k * d
     if layout.ulysses > 1:
         per_token += 2 * b * (a + 2 * k) * d
     return per_token * rv.mb_tokens
