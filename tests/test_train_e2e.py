@@ -141,7 +141,7 @@ def _scenarios(rank, world, tmp):
     from parallel.dims import sub_mesh
 
     batch = next(iter(t.loader))
-    local = shard_batch(batch, t.cp_size, t.cp_rank, "zigzag")
+    local = shard_batch(batch, t.groups.cp_size, t.groups.cp_rank, "zigzag")
     t.model.loss_scale = 1.0
     with torch.no_grad():
         loss = t.model(local["input_ids"], local["position_ids"], local["doc_ids"], local["labels"]).sum()

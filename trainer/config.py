@@ -6,6 +6,7 @@ Every field has a docstring; these key names are the public interface used by do
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -248,6 +249,19 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
         except yaml.YAMLError as exc:
             raise ConfigError(key, f"cannot parse value {text!r}: {_one_line(exc)}") from None
         _set_dotted(raw, key, value)
+    return _typed(raw)
+
+
+def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    """The run config from a YAML-shaped dict plus dotted overrides whose values are already parsed
+    (`{"parallel.ac_group": 4}`), checked exactly as `load_config` checks a file and the command line."""
+    raw = copy.deepcopy(raw)
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    return _typed(raw)
+
+
+def _typed(raw: dict[str, Any]) -> Config:
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg

@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from models.causal_lm import CausalLMStage
 from models.parallelize import parallelize_llama
 from parallel.cp.sharding import shard_batch
-from parallel.dims import ConfigError, ParallelDims, sub_mesh, sub_rank_and_size
+from parallel.dims import ConfigError, ParallelDims, sub_mesh
 from trainer.checkpoint import (
     MARKER,
     TRAIN_STATE,
@@ -43,6 +43,7 @@ from trainer.checkpoint import (
 from trainer.ds_config import build_ds_config
 from trainer.loss import count_valid, mean_loss, skip_nonfinite
 from trainer.optim import build_optimizer
+from trainer.step import StepGroups
 
 log = logging.getLogger("longctx")
 ENGINE = "deepspeed"
@@ -149,20 +150,21 @@ class DeepSpeedRunner:
         deepspeed = import_deepspeed()
         self.cfg = cfg
         self.stage = stage
-        self.dp_group = sub_mesh(mesh, "dp").get_group()
-        self.dp_cp_group = sub_mesh(mesh, "dp_cp").get_group()
-        self.dp_cp_size = dist.get_world_size(self.dp_cp_group)
-        self.cp_rank, self.cp_size = sub_rank_and_size(mesh, "cp")
-        self.ds_config = build_ds_config(cfg, self.dp_cp_size)
+        self.groups = StepGroups.from_mesh(mesh)
+        self.ds_config = build_ds_config(cfg, self.groups.fsdp_size)
         if cfg.deepspeed.zero_stage == 3 and stage.lm_head is not None:
             # The chunked loss reads lm_head.weight directly (never calls lm_head): ZeRO-3 must gather it
             # for the stage's own forward and backward.
             deepspeed.zero.register_external_parameter(stage, stage.lm_head.weight)
         params = [p for p in stage.parameters() if p.requires_grad]
         self.optimizer = _build_optimizer(params, cfg)
-        groups = ZeroGroups(self.dp_cp_group, sub_mesh(mesh, "tp").get_group())
+        zero_groups = ZeroGroups(self.groups.dp_cp_group, sub_mesh(mesh, "tp").get_group())
         self.engine, _, _, _ = deepspeed.initialize(
-            model=stage, optimizer=self.optimizer, config=self.ds_config, mpu=groups, dist_init_required=False
+            model=stage,
+            optimizer=self.optimizer,
+            config=self.ds_config,
+            mpu=zero_groups,
+            dist_init_required=False,
         )
         self.device = device
         self.checkpointer = DeepSpeedCheckpointer(self.engine, base)
@@ -170,7 +172,7 @@ class DeepSpeedRunner:
         log.info(
             "deepspeed engine: ZeRO-%d over dp x cp = %d ranks, offload optimizer=%s params=%s%s",
             d.zero_stage,
-            self.dp_cp_size,
+            self.groups.fsdp_size,
             d.offload_optimizer,
             d.offload_params,
             f", user config {d.config}" if d.config else "",
@@ -186,16 +188,17 @@ class DeepSpeedRunner:
         DeepSpeed has already discarded the update of such a step (fp32, ZeRO-3, bf16 check_grad_overflow).
         """
         cfg = self.cfg
-        global_valid = count_valid(batches, self.dp_group, self.device)
-        self.stage.loss_scale = self.dp_cp_size / max(global_valid, 1)
+        g = self.groups
+        global_valid = count_valid(batches, g.dp_group, self.device)
+        self.stage.loss_scale = g.fsdp_size / max(global_valid, 1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in batches:
-            b = shard_batch(batch, self.cp_size, self.cp_rank, cfg.parallel.cp_layout, self.device)
+            b = shard_batch(batch, g.cp_size, g.cp_rank, cfg.parallel.cp_layout, self.device)
             loss = self.engine(b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"]).sum()
             self.engine.backward(loss, scale_wrt_gas=False)
             self.engine.step()  # DeepSpeed only reduces and updates at the accumulation boundary
             loss_sum += loss.detach().double()
-        loss_value = mean_loss(loss_sum, self.dp_cp_size, self.dp_cp_group)
+        loss_value = mean_loss(loss_sum, g.fsdp_size, g.dp_cp_group)
         norm = self.engine.get_global_grad_norm()
         grad_norm = float("nan") if norm is None else float(norm)
         # DeepSpeed has already discarded the update of a non-finite step; only the decision is ours.

@@ -17,7 +17,8 @@ from trainer.loss import clip_gradients, count_valid, global_grad_norm, mean_los
 
 @dataclass
 class StepGroups:
-    """The process groups and ranks one step needs, from the run's mesh."""
+    """The process groups and ranks one step needs, from the run's mesh (FSDP2 and DeepSpeed alike: both
+    shard over dp x cp, whose size scales the loss)."""
 
     dp_group: dist.ProcessGroup
     dp_cp_group: dist.ProcessGroup
@@ -27,13 +28,15 @@ class StepGroups:
     cp_size: int
 
     @classmethod
-    def from_mesh(cls, mesh: Any, dims: Any) -> StepGroups:
+    def from_mesh(cls, mesh: Any) -> StepGroups:
+        dp_cp_group = sub_mesh(mesh, "dp_cp").get_group()
         cp_rank, cp_size = sub_rank_and_size(mesh, "cp")
+        _, pp_size = sub_rank_and_size(mesh, "pp")
         return cls(
             dp_group=sub_mesh(mesh, "dp").get_group(),
-            dp_cp_group=sub_mesh(mesh, "dp_cp").get_group(),
-            pp_group=sub_mesh(mesh, "pp").get_group() if dims.pp > 1 else None,
-            fsdp_size=dims.dp * dims.cp,
+            dp_cp_group=dp_cp_group,
+            pp_group=sub_mesh(mesh, "pp").get_group() if pp_size > 1 else None,
+            fsdp_size=dist.get_world_size(dp_cp_group),
             cp_rank=cp_rank,
             cp_size=cp_size,
         )

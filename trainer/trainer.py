@@ -122,9 +122,8 @@ class Trainer:
             log.info("mesh: %s", self.dims.describe())
         self.mesh = self.dims.build_mesh(self.device.type)
         self.dp_rank, self.dp_size = sub_rank_and_size(self.mesh, "dp")
-        self.cp_rank, self.cp_size = sub_rank_and_size(self.mesh, "cp")
         self.pp_mesh = sub_mesh(self.mesh, "pp")
-        self.groups = StepGroups.from_mesh(self.mesh, self.dims)
+        self.groups = StepGroups.from_mesh(self.mesh)
         t = cfg.training
         self.tokens_per_step = t.seq_len * t.micro_batch_size * t.grad_accum * self.dims.dp
         if self.dims.cp > 1:
