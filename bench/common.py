@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -10,6 +11,23 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+
+
+def local_device(device_type: str = "cuda") -> torch.device:
+    """This rank's device: the CPU for gloo smoke runs, else the GPU torchrun (or init_dist) selected."""
+    return torch.device("cpu") if device_type == "cpu" else torch.device("cuda", torch.cuda.current_device())
+
+
+def free_memory(device: torch.device) -> None:
+    """Return what a finished row held: Python garbage, the CUDA cache and the pinned host-memory cache
+    (FSDP2's offloaded parameters are pinned; the next row's offload would otherwise come on top)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        host_empty = getattr(torch._C, "_host_emptyCache", None)
+        if host_empty is not None:
+            host_empty()
 
 
 def init_dist(device_type: str = "cuda") -> tuple[int, int]:
@@ -57,10 +75,8 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float
 
 
 def max_over_ranks(x: float) -> float:
-    on_gpu = dist.is_initialized() and dist.get_backend() == "nccl" or not dist.is_initialized()
-    t = torch.tensor(
-        [x], device="cuda" if on_gpu and torch.cuda.is_available() else "cpu", dtype=torch.float64
-    )
+    nccl = not dist.is_initialized() or dist.get_backend() == "nccl"  # gloo groups reduce CPU tensors
+    t = torch.tensor([x], device="cuda" if nccl and torch.cuda.is_available() else "cpu", dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()

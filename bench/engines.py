@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import os
 import tempfile
 import time
@@ -40,7 +39,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import log0, markdown_table, random_batches, write_results
+from bench.common import free_memory, log0, markdown_table, random_batches, write_results
 
 ENGINES: dict[str, dict[str, object]] = {
     "fsdp2_offload": {"parallel.engine": "fsdp2", "parallel.fsdp_cpu_offload": True},
@@ -149,7 +148,7 @@ class Fsdp2Row:
         self.stage = build_stage(cfg, mesh, dims, device)
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim)
-        self.groups = StepGroups.from_mesh(mesh, dims)
+        self.groups = StepGroups.from_mesh(mesh)
 
     def step(self, batches: list[dict[str, torch.Tensor]], step: int) -> float:
         from trainer.step import fsdp2_step
@@ -211,18 +210,6 @@ def host_rss_gib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 2**20
     return float("nan")
-
-
-def free_memory(device: torch.device) -> None:
-    """Return what a finished row held: Python garbage, the CUDA cache and the pinned host-memory cache
-    (FSDP2's offloaded parameters are pinned; the next row's offload would otherwise come on top)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        host_empty = getattr(torch._C, "_host_emptyCache", None)
-        if host_empty is not None:
-            host_empty()
 
 
 def mfu_pct(cfg, tok_s_gpu: float, device: torch.device) -> float | None:

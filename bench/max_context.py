@@ -83,13 +83,11 @@ def probe_child(args) -> None:
         return probe_child_deepspeed(args)
     import torch
 
-    from bench.common import init_dist
+    from bench.common import init_dist, local_device
     from bench.train import measure
 
     rank, world = init_dist(args.device)
-    device = (
-        torch.device("cpu") if args.device == "cpu" else torch.device("cuda", torch.cuda.current_device())
-    )
+    device = local_device(args.device)
     try:
         row = measure(
             args.model,
@@ -242,6 +240,7 @@ def main() -> None:
         if p.cp_strategy in ("ring", "ulysses"):
             args.strategy = p.cp_strategy  # (hybrid runs as the config says; the label stays)
 
+    overrides = overrides_of(args)
     results = []
 
     def probe(seq):
@@ -295,7 +294,7 @@ def main() -> None:
         strategy=args.strategy,
         offload=offloaded,
         ac=args.ac,
-        overrides=overrides_of(args),
+        overrides=overrides,
         longest_ok=best,
         linear_estimate=estimate,
         probes=results,

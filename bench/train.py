@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
+import itertools
 import time
 
 import torch
 import torch.distributed as dist
 
 from bench.common import (
+    free_memory,
     gpu_name,
     init_dist,
+    local_device,
     log0,
     markdown_table,
     max_over_ranks,
@@ -64,7 +66,7 @@ MODELS = {
         intermediate_size=8192,
         tie_word_embeddings=True,
     ),
-    "tiny": dict(  # CPU smoke runs of the bench itself (tests/test_bench_engines.py)
+    "tiny": dict(  # CPU smoke runs of the bench itself (tests/test_bench_train.py)
         _LLAMA,
         vocab_size=512,
         hidden_size=64,
@@ -90,31 +92,21 @@ MODELS = {
 def make_config(
     model: str, seq: int, strategy: str, cp: int, ac: str = "full", offload: bool = False, overrides=None
 ):
-    """The bench's Config; `overrides` maps dotted keys ("parallel.mlp_chunks") to values, applied last."""
-    from trainer.config import Config
-    from trainer.config_checks import validate
+    """The bench's Config, built and checked as the trainer builds a run's; `overrides` maps dotted keys
+    ("parallel.mlp_chunks", "model.config.num_hidden_layers") to values, applied last."""
+    from trainer.config import build_config
 
-    cfg = Config()
-    cfg.model.config = dict(MODELS[model])
-    cfg.model.dtype = "bfloat16"  # compute dtype: FSDP casts the fp32 masters to it
-    cfg.parallel.cp = cp
-    cfg.parallel.cp_strategy = strategy
-    cfg.parallel.activation_checkpointing = ac
-    cfg.parallel.fsdp_cpu_offload = offload
-    cfg.training.seq_len = seq
-    for key, value in (overrides or {}).items():
-        if key.startswith("model.config."):  # a field of the HF model config dict
-            cfg.model.config[key.removeprefix("model.config.")] = value
-            continue
-        *path, leaf = key.split(".")
-        node = cfg
-        for part in path:
-            node = getattr(node, part)
-        if not hasattr(node, leaf):
-            raise KeyError(f"unknown config key {key!r}")
-        setattr(node, leaf, value)
-    validate(cfg)  # the trainer's checks: a combination the trainer refuses is not measured either
-    return cfg
+    raw = {
+        "model": {"config": dict(MODELS[model]), "dtype": "bfloat16"},  # FSDP casts the fp32 masters
+        "parallel": {
+            "cp": cp,
+            "cp_strategy": strategy,
+            "activation_checkpointing": ac,
+            "fsdp_cpu_offload": offload,
+        },
+        "training": {"seq_len": seq},
+    }
+    return build_config(raw, overrides)
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -150,13 +142,13 @@ def longctx_step_fn(stage, mesh, dims, device, cfg):
 
     params = [p for p in stage.parameters() if p.requires_grad]
     opt = build_optimizer(params, cfg.optim)
-    groups = StepGroups.from_mesh(mesh, dims)
-    count = [0]
+    groups = StepGroups.from_mesh(mesh)
+    counter = itertools.count()
 
     def step():
-        batches = random_batches(cfg, count[0])  # the same tokens on every rank of the CP group
-        count[0] += 1
-        fsdp2_step(stage, params, opt, batches, groups, cfg, device, count[0] - 1, 0)
+        i = next(counter)
+        batches = random_batches(cfg, i)  # the same tokens on every rank of the CP group
+        fsdp2_step(stage, params, opt, batches, groups, cfg, device, i, 0)
 
     return step
 
@@ -259,7 +251,7 @@ def measure(
     cfg = make_config(model, seq, strategy, cp=world, ac=ac, offload=offload, overrides=overrides)
     fields = dict(cfg.model.config)
     hf_cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    device = device or torch.device("cuda", torch.cuda.current_device())
+    device = device or local_device()
     if device.type == "cpu":
         cfg.model.dtype = "float32"  # the CPU kernels' dtype (smoke runs of the bench)
     if impl == "peer":
@@ -355,18 +347,16 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rank, world = init_dist(args.device)
-    device = (
-        torch.device("cpu") if args.device == "cpu" else torch.device("cuda", torch.cuda.current_device())
-    )
+    device = local_device(args.device)
+    variants = [parse_variant(v) for v in args.variant or ["base:"]]
+    if args.layers:
+        variants = [
+            (f"{label}-L{args.layers}", {**o, "model.config.num_hidden_layers": args.layers})
+            for label, o in variants
+        ]
     rows = []
     for model in args.model:
         for seq in args.seqs:
-            variants = [parse_variant(v) for v in args.variant or ["base:"]]
-            if args.layers:
-                variants = [
-                    (f"{label}-L{args.layers}", {**o, "model.config.num_hidden_layers": args.layers})
-                    for label, o in variants
-                ]
             runs = [
                 (i, a, v)
                 for i in args.impls
@@ -376,9 +366,7 @@ def main() -> None:
             for impl, ac, (label, overrides) in runs:
                 if impl == "peer" and args.peer_seqs is not None and seq not in args.peer_seqs:
                     continue
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                free_memory(device)
                 try:
                     row = measure(
                         model,
@@ -402,9 +390,7 @@ def main() -> None:
                 row["variant"] = "peer" if impl == "peer" else label
                 rows.append(row)
                 log0(row)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                free_memory(device)
     meta = dict(
         date=datetime.date.today().isoformat(),
         gpu=gpu_name() if device.type == "cuda" else "cpu (smoke run)",

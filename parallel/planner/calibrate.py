@@ -6,8 +6,9 @@
 One GPU measures bf16 matmul TF/s (8192^3) and causal SDPA fwd+bwd TF/s at head_dim 64 and 128 (cuDNN
 preferred, FLOPs = 3.5 x 4*S^2*H*D/2) and the device memory. Under torchrun it also measures the effective
 all-to-all rate of the exchange Ulysses runs (q/k/v out, the output back, 32k tokens per rank; the raw 1 GiB
-all-to-all is recorded beside it), P2P (rank 0 -> 1) and all-reduce bus bandwidth with 1 GiB messages. Whatever is not measured is copied
-from the base file (default: the built-in H100 rates) and says so under "assumptions".
+all-to-all is recorded beside it), P2P (rank 0 -> 1) and all-reduce bus bandwidth with 1 GiB messages.
+Whatever is not measured is copied from the base file (default: the built-in H100 rates) and says so under
+"assumptions".
 """
 
 from __future__ import annotations

@@ -261,5 +261,6 @@ def _switches(work) -> str:
         "activation_offload" if work.activation_offload else "",
         f"mlp_chunks {work.mlp_chunks}" if work.mlp_chunks > 1 else "",
         "fsdp_cpu_offload" if work.fsdp_cpu_offload else "",
+        "cp_accum input" if work.cp_accum == "input" else "",
     ]
     return "".join(f", {x}" for x in on if x)
