@@ -1,10 +1,13 @@
 """Planner predictions vs GPU measurements (issue: within 20% step time, 15% peak memory, same ranking).
 
     python -m bench.planner_validation [--results bench/results/2026-11-25]
+    python -m bench.planner_validation --memory-only bench/results/2026-11-25/session2/long_8b_lean.json
 
 Reads the bench/train.py result files of a run directory, rebuilds each measured layout's config exactly
 as bench/train.py did, asks the planner (parallel/planner) for its prediction, and prints the comparison
-table plus whether the measured order of layouts is the predicted one. CPU only: no GPU needed.
+table plus whether the measured order of layouts is the predicted one. `--memory-only FILE...` compares
+only the peak memory of bench/train.py runs whose times are not comparable (one step without warm-up),
+with each row's --variant overrides and --layers. CPU only: no GPU needed.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import glob
 import json
 import os
 
-from bench.train import make_config
+from bench.train import make_config, parse_variant
 
 
 def measured_rows(results_dir: str) -> list[dict]:
@@ -29,12 +32,28 @@ def measured_rows(results_dir: str) -> list[dict]:
     return list(rows.values())
 
 
-def predict(row: dict, world: int = 2):
+def variant_rows(path: str) -> list[tuple[dict, dict]]:
+    """(row, its config overrides) for every row of a bench/train.py result file (OOM rows included)."""
+    data = json.load(open(path))
+    args = data["meta"]["args"]
+    variants = dict(parse_variant(v) for v in args.get("variant") or ["base:"])
+    layers = args.get("layers")
+    out = []
+    for r in data["rows"]:
+        label = r["variant"].removesuffix(f"-L{layers}") if layers else r["variant"]
+        overrides = dict(variants[label])
+        if layers:
+            overrides["model.config.num_hidden_layers"] = layers
+        out.append((r, overrides))
+    return out
+
+
+def predict(row: dict, world: int = 2, overrides: dict | None = None):
     from transformers import AutoConfig
 
     from parallel.planner import plan_rows
 
-    cfg = make_config(row["model"], row["seq"], row["impl"], cp=world, ac=row["ac"])
+    cfg = make_config(row["model"], row["seq"], row["impl"], cp=world, ac=row["ac"], overrides=overrides)
     fields = dict(cfg.model.config)
     hf = AutoConfig.for_model(fields.pop("model_type"), **fields)
     fixed = dict(dp=1, tp=1, pp=1, cp=world)
@@ -49,7 +68,22 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default="bench/results/2026-11-25")
+    ap.add_argument("--memory-only", nargs="+", default=None, metavar="FILE")
     args = ap.parse_args()
+    if args.memory_only:
+        table = []
+        for path in args.memory_only:
+            for row, overrides in variant_rows(path):
+                p = predict(row, overrides=overrides)
+                table.append(
+                    dict(
+                        layout=f"{row['model']} {row['impl']} {row['seq'] // 1024}k {row['variant']}",
+                        pred_mem_gib=p.memory.allocated / 2**30,
+                        meas_mem_gib=row.get("peak_gib"),  # None: the step ran out of memory
+                    )
+                )
+        print(compare_with_measurements(table))
+        return
     table, pairs = [], []
     for row in sorted(measured_rows(args.results), key=lambda r: (r["model"], r["seq"], r["impl"], r["ac"])):
         p = predict(row)
