@@ -7,6 +7,7 @@ import json
 import os
 import statistics
 import subprocess
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -28,6 +29,22 @@ def free_memory(device: torch.device) -> None:
         host_empty = getattr(torch._C, "_host_emptyCache", None)
         if host_empty is not None:
             host_empty()
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def describe_error(exc: BaseException, limit: int = 200) -> str:
+    """A failed row's `error`: kind, the start of the message and the innermost repo frames - where an OOM
+    struck decides which memory lever comes next, and a bare message does not say."""
+    kind = "OOM" if isinstance(exc, torch.OutOfMemoryError) else type(exc).__name__
+    frames = [
+        f"{os.path.relpath(f.filename, _REPO)}:{f.lineno}"
+        for f in traceback.extract_tb(exc.__traceback__)
+        if f.filename.startswith(_REPO)
+    ]
+    where = f" [at {' < '.join(reversed(frames[-3:]))}]" if frames else ""
+    return f"{kind}: {str(exc)[:limit]}{where}"
 
 
 def init_dist(device_type: str = "cuda") -> tuple[int, int]:

@@ -39,7 +39,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import free_memory, log0, markdown_table, random_batches, write_results
+from bench.common import describe_error, free_memory, log0, markdown_table, random_batches, write_results
 
 ENGINES: dict[str, dict[str, object]] = {
     "fsdp2_offload": {"parallel.engine": "fsdp2", "parallel.fsdp_cpu_offload": True},
@@ -281,10 +281,8 @@ def run_row(opts, engine: str, seq: int, mesh, dims, device: torch.device) -> di
     try:
         cfg = engine_config(opts, engine, seq, dist.get_world_size(), device)
         row = measure(engine, cfg, mesh, dims, device, opts.warmup, opts.steps)
-    except torch.OutOfMemoryError as exc:
-        row = dict(engine=engine, seq=seq, error=f"OOM: {str(exc)[:200]}")
-    except Exception as exc:  # noqa: BLE001 - keep the rest of the table
-        row = dict(engine=engine, seq=seq, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    except Exception as exc:  # noqa: BLE001 - an OOM or any failure: keep the rest of the table
+        row = dict(engine=engine, seq=seq, error=describe_error(exc))
     free_memory(device)  # after the except block: the traceback no longer holds the row's tensors
     row["model"] = "tiny" if opts.tiny else opts.model
     return row

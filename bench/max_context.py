@@ -83,7 +83,7 @@ def probe_child(args) -> None:
         return probe_child_deepspeed(args)
     import torch
 
-    from bench.common import init_dist, local_device
+    from bench.common import describe_error, init_dist, local_device
     from bench.train import measure
 
     rank, world = init_dist(args.device)
@@ -106,7 +106,7 @@ def probe_child(args) -> None:
         if args.config:
             row["model"] = os.path.basename(args.config)
     except torch.OutOfMemoryError as e:
-        row = dict(ok=False, seq=args.probe, error=f"OOM: {str(e)[:160]}")
+        row = dict(ok=False, seq=args.probe, error=describe_error(e, limit=160))
     if rank == 0:
         if device.type == "cuda":
             row["gpu_total_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from bench.common import (
+    describe_error,
     free_memory,
     gpu_name,
     init_dist,
@@ -285,17 +286,22 @@ def profile_step(step, path: str, title: str) -> None:
     """One more step under torch.profiler; rank 0 appends the top GPU kernels by total time to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
+    gpu = torch.cuda.is_available()
+    try:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+            step()
+            if gpu:
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(
+            sort_by="self_device_time_total" if gpu else "self_cpu_time_total",
+            row_limit=40,
+            max_name_column_width=70,
+        )
+    except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the row its timings
+        table = f"profile failed: {describe_error(e)}\n"
     if dist.get_rank() == 0:
         with open(path, "a") as f:
-            f.write(f"\n## {title}\n")
-            f.write(
-                prof.key_averages().table(
-                    sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70
-                )
-            )
+            f.write(f"\n## {title}\n{table}")
 
 
 def _count_kernel_calls() -> list:
@@ -381,12 +387,8 @@ def main() -> None:
                         profile=args.profile,
                         device=device,
                     )
-                except torch.OutOfMemoryError as e:
-                    row = dict(model=model, impl=impl, seq=seq, ac=ac, error=f"OOM: {str(e)[:120]}")
-                except Exception as e:  # keep the rest of the table
-                    row = dict(
-                        model=model, impl=impl, seq=seq, ac=ac, error=f"{type(e).__name__}: {str(e)[:200]}"
-                    )
+                except Exception as e:  # an OOM or any failure: keep the rest of the table
+                    row = dict(model=model, impl=impl, seq=seq, ac=ac, error=describe_error(e))
                 row["variant"] = "peer" if impl == "peer" else label
                 rows.append(row)
                 log0(row)

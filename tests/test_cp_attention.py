@@ -8,11 +8,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import parallel.cp.ring as ring
 from parallel.cp.api import build_context, cp_attn_func
 from parallel.cp.kernels import KERNELS, select_kernel
-from parallel.cp.plan import block_mask, plan_blocks
+from parallel.cp.plan import block_mask, plan_blocks, split_rows
 from parallel.cp.sharding import gather, shard, shard_index, unshard
 from tests.dist import run_distributed
+
+BACKWARD_ROWS = ring.BACKWARD_ROWS
 
 
 def reference_attention(q, k, v, causal, doc_ids, scale):
@@ -97,7 +100,9 @@ def _check_all(rank, world, seed):
         bf16_errs = {}
         runs = [(torch.float64, "math", "float32"), (torch.float32, "cpu_flash", "float32")]
         runs += [(torch.bfloat16, "math", "float32"), (torch.bfloat16, "math", "input")]
+        runs += [(torch.float64, "math", "rows<=5")]  # backward kernel calls cut into 5-row pieces
         for dtype, kernel, accum in runs:
+            ring.BACKWARD_ROWS = 5 if accum == "rows<=5" else BACKWARD_ROWS
             ql, kl, vl = (shard(x, world, cp_rank, layout).to(dtype).requires_grad_() for x in (q, k, v))
             local_docs = shard(doc_ids, world, cp_rank, layout) if docs else None
             out = cp_attn_func(
@@ -111,7 +116,7 @@ def _check_all(rank, world, seed):
                 layout=layout,
                 doc_ids=local_docs,
                 kernel=kernel,
-                accum=accum,
+                accum="float32" if accum == "rows<=5" else accum,
             )
             out.backward(shard(dout, world, cp_rank, layout).to(dtype))
             wg = dist.group.WORLD
@@ -173,6 +178,14 @@ def test_plan_covers_exactly_the_allowed_pairs():
                 for blk in plan:
                     cover[blk.q0 : blk.q1, blk.k0 : blk.k1] += 1
                 assert cover.max() <= 1, "blocks overlap"
+                rows = int(torch.randint(1, 8, (), generator=gen))
+                pieces = split_rows(plan, rows)
+                assert all(p.q1 - p.q0 <= rows for p in pieces)
+                assert torch.equal(block_mask(pieces, len(qp), len(kp)), want)
+                cover.zero_()
+                for blk in pieces:
+                    cover[blk.q0 : blk.q1, blk.k0 : blk.k1] += 1
+                assert cover.max() <= 1, "split blocks overlap"
 
 
 def test_zigzag_plan_is_one_kernel_call_per_step():

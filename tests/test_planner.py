@@ -11,6 +11,7 @@ import sys
 import pytest
 from transformers import AutoConfig
 
+from parallel.cp.ring import BACKWARD_ROWS
 from parallel.dims import ConfigError, ParallelDims
 from parallel.planner import (
     Layout,
@@ -135,9 +136,16 @@ def test_memory_arithmetic_exact():
     # copy) 2*4*16 = 128, lse 16, mlp 4*2*128 = 1024 -> 1688; T = 32: 2 layers + 1 working layer + final
     # norm (2*64 + 4)*32
     assert mem.activations == 3 * 1688 * 32 + 132 * 32
-    # fp32 out/dq 4*4*16 + lse 16 + dk/dv 8*2*16 = 528; backward: dO 2*4*16 + bf16 dq/dk/dv 2*8*16 + O/dO
-    # block copies 2*4*16 + residual grads 2*2*64 = 768; ring: 2 kv blocks 4*2*2*16 + dkv 8*2*16 = 512
-    assert mem.attention == (528 + 768 + 512) * 32
+    # fp32 out/dq 4*4*16 + lse 16 + dk/dv 8*2*16 = 528; backward: dO 2*4*16 + bf16 dk/dv 2*2*2*16 +
+    # residual grads 2*2*64 = 512; ring: 2 kv blocks 4*2*2*16 + dkv 8*2*16 = 512; one kernel call over all
+    # 32 rows: O/dO copies + dq 3*2*16, fp32 dQ workspace 4*16, stats 4 -> 164 per head
+    assert mem.attention == (528 + 512 + 512) * 32 + 32 * 4 * 164
+    # past BACKWARD_ROWS local tokens a backward kernel call's temporaries stop growing
+    long = Workload(seq_len=4 * BACKWARD_ROWS, compute_bytes=2)
+    per_token = 528 + 512 + 512
+    assert memory_breakdown(SMALL, Layout(1, 1, 1, 2, 1, "zigzag"), long).attention == (
+        per_token * 2 * BACKWARD_ROWS + BACKWARD_ROWS * 4 * 164
+    )
     assert mem.logits == 16 * 100 * (2 + 8)
     # peak = static + max(layer phase, loss phase); attention buffers only beyond the freed MLP (4*2*128*32)
     assert (mem.saved_activations, mem.mlp_working, mem.gathered_root) == (
@@ -145,7 +153,7 @@ def test_memory_arithmetic_exact():
         32768,
         25728 + 12800,
     )
-    layer_phase = 408448 + 166272 + (57856 - 32768)
+    layer_phase = 408448 + 166272 + (70656 - 32768)
     loss_phase = 38528 + 2 * 1688 * 32 + 16000
     assert mem.total == 2 * 173696 + 347392 + max(layer_phase, loss_phase)
 

@@ -118,6 +118,23 @@ def plan_blocks(
     return _merge_full(_merge_full(blocks, by_keys=True), by_keys=False)
 
 
+def split_rows(blocks: list[Block], max_rows: int) -> list[Block]:
+    """The same (query, key) pairs in blocks of at most `max_rows` query rows. A causal square's lower
+    piece [a, b) sees the keys before it in full and its own diagonal as a smaller causal square."""
+    out: list[Block] = []
+    for b in blocks:
+        for a in range(b.q0, b.q1, max_rows):
+            e = min(a + max_rows, b.q1)
+            if not b.causal:
+                out.append(Block(a, e, b.k0, b.k1, False))
+                continue
+            lo = b.k0 + (a - b.q0)  # the piece's own diagonal starts here
+            if lo > b.k0:
+                out.append(Block(a, e, b.k0, lo, False))
+            out.append(Block(a, e, lo, lo + (e - a), True))
+    return out
+
+
 def block_mask(blocks: list[Block], sq: int, sk: int) -> torch.Tensor:
     """Dense boolean mask of a plan (tests and debugging only)."""
     m = torch.zeros(sq, sk, dtype=torch.bool)

@@ -22,9 +22,14 @@ import torch
 import torch.distributed as dist
 
 from parallel.cp.kernels import Kernel
-from parallel.cp.plan import Block
+from parallel.cp.plan import Block, split_rows
 
 Tensor = torch.Tensor
+
+# Query rows per backward kernel call. The kernel's fp32 dQ workspace and the contiguous copies of the
+# O and dO rows it takes grow with the rows of one call: at 512k tokens per GPU an unsplit block needs
+# ~20 GiB of such temporaries, 64k-row calls ~2.5 GiB, and calls this large still run at the kernel's rate.
+BACKWARD_ROWS = 65536
 
 
 class RingComm:
@@ -92,7 +97,7 @@ def _forward_blocks(
 
 
 def _backward_blocks(dout, q, k, v, out, lse, blocks, kernel, scale, dq, dk, dv) -> None:
-    for b in blocks:
+    for b in split_rows(blocks, BACKWARD_ROWS):
         qs, ks = slice(b.q0, b.q1), slice(b.k0, b.k1)
         gq, gk, gv = kernel.backward(
             dout[:, :, qs],

@@ -28,8 +28,12 @@ the step's grad_accum*micro_batch sequences form m = pp_microbatches microbatche
                              norm's A/2*Tm); Tf = tokens in flight = Tm * (m for GPipe, min(p, m) else)
     attention buffers        Tm * [4*a_r*d + 4*a_r + 8*k_r*d]      fp32 out/dQ, LSE, dK/dV (cp_accum=input:
                                                                    b instead of 4 bytes for out/dQ/dK/dV)
-                             + Tm * b*[3*a_r*d + 2*k_r*d + 2*h]    dO, bf16 dq/dk/dv, kernel copies of O/dO
-                                                                   blocks, the residual stream's gradients
+                             + Tm * b*[a_r*d + 2*k_r*d + 2*h]      dO, one call's dk/dv, the residual
+                                                                   stream's gradients
+                             + Rc * a_r/U * [3*b*d + 4*d + 4]      one backward kernel call: its copies of
+                                                                   the O/dO rows, its dq, the kernel's fp32
+                                                                   dQ workspace and row statistics; Rc =
+                                                                   min(U*Tm, BACKWARD_ROWS) query rows
                              ring R>1: + Tm * [4*b*k_r*d + 8*k_r*d]  2 KV blocks + 1 dKV block in flight
                              Ulysses U>1: + Tm * 2*b*(a_r + 2*k_r)*d  all-to-all send/receive copies
     LM-head logits           chunk * V * (b + 12): one loss_chunk of logits plus 3 fp32 tensors
@@ -42,6 +46,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from parallel.cp.ring import BACKWARD_ROWS
 from parallel.planner.enumerate import Layout
 
 GIB = 1024**3
@@ -244,15 +249,19 @@ def attention_buffer_bytes(shape: ModelShape, layout: Layout, work: Workload) ->
     b, d, a, k = work.compute_bytes, shape.head_dim, rv.heads, rv.kv_heads
     f = 4 if work.cp_accum == "float32" else b  # bytes per element of the ring's accumulators
     per_token = f * a * d + 4 * a + 2 * f * k * d
-    # Backward's own tensors while the attention back-propagates: dO, the bf16 dq/dk/dv results, the
-    # kernels' contiguous copies of O and dO blocks (half the rows each) and the residual stream's two
-    # gradients (the incoming one and the layer input's).
-    per_token += b * a * d + b * (a + 2 * k) * d + b * a * d + 2 * b * shape.hidden
+    # Backward's own tensors while the attention back-propagates: dO, one kernel call's dk/dv (over up to
+    # all local keys) and the residual stream's two gradients (the incoming one and the layer input's).
+    per_token += b * a * d + 2 * b * k * d + 2 * b * shape.hidden
     if layout.ring > 1:
         per_token += 4 * b * k * d + 2 * f * k * d
     if layout.ulysses > 1:
         per_token += 2 * b * (a + 2 * k) * d
-    return per_token * rv.mb_tokens
+    # One backward kernel call at a time, on at most BACKWARD_ROWS query rows (of the whole sequence and
+    # a/U heads after a Ulysses exchange): O/dO row copies, dq, and the kernel's fp32 dQ workspace + stats.
+    u = layout.ulysses
+    rows = min(u * rv.mb_tokens, BACKWARD_ROWS)
+    per_call = rows * (a // u) * (3 * b * d + 4 * d + 4)
+    return per_token * rv.mb_tokens + per_call
 
 
 def logits_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
