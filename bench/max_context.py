@@ -262,7 +262,7 @@ def main() -> None:
     best = None
     if args.probes:
         for s in args.probes:
-            if probe(s):
+            if probe(s) and (best is None or s > best):
                 best = s
     else:
         g = args.granularity

@@ -34,6 +34,7 @@ from bench.common import (
     random_batches,
     write_results,
 )
+from bench.meter import StepMeter
 
 PEAK_BF16 = 989e12
 _LLAMA = dict(
@@ -151,6 +152,7 @@ def longctx_step_fn(stage, mesh, dims, device, cfg):
         batches = random_batches(cfg, i)  # the same tokens on every rank of the CP group
         fsdp2_step(stage, params, opt, batches, groups, cfg, device, i, 0)
 
+    step.optimizer = opt  # for StepMeter
     return step
 
 
@@ -207,6 +209,7 @@ def peer_step_fn(cfg, world: int):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.optimizer = opt  # for StepMeter
     return step
 
 
@@ -243,6 +246,7 @@ def measure(
     overrides: dict | None = None,
     profile: str | None = None,
     device: torch.device | None = None,
+    breakdown: bool = False,
 ) -> dict:
     from transformers import AutoConfig
 
@@ -259,16 +263,26 @@ def measure(
         step = peer_step_fn(cfg, world)
     else:
         step = longctx_step_fn(*build_longctx(cfg, world, device), cfg)
-    calls = _count_kernel_calls()
+    import models.loss
+
+    meter = StepMeter(device)
+    meter.patch_kernels()
+    meter.patch(models.loss, "_chunk_loss", "loss")  # forward and its recompute in backward
+    meter.patch(step.optimizer, "step", "optimizer")
     gpu = device.type == "cuda"
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    t = run_steps(step, warmup, steps, device)
-    kernel_calls = calls.pop() // max(warmup + steps, 1)
-    peak = max_over_ranks(torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0)
-    if profile:
-        profile_step(step, profile, f"{model} {impl} seq={seq} ac={ac}")
+    try:
+        t = run_steps(step, warmup, steps, device)
+        kernel_calls = meter.calls["attn_fwd"] // max(warmup + steps, 1)
+        peak = max_over_ranks(torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0)
+        parts = meter.timed_step(step) if breakdown else None
+        if profile:
+            profile_step(step, profile, f"{model} {impl} seq={seq} ac={ac}")
+    finally:
+        meter.restore()
     tok_gpu = seq / world / t
+    extra = {"breakdown": parts} if parts else {}
     return dict(
         model=model,
         impl=impl,
@@ -279,6 +293,7 @@ def measure(
         mfu_pct=100 * tok_gpu * flops_per_token(hf_cfg, seq) / PEAK_BF16,
         peak_gib=peak,
         attn_fwd_calls_per_step=kernel_calls,
+        **extra,
     )
 
 
@@ -288,7 +303,8 @@ def profile_step(step, path: str, title: str) -> None:
 
     gpu = torch.cuda.is_available()
     try:
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        # GPU: device activity only (CPU-side op recording raised inside cuDNN attention calls, torch 2.11)
+        with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
             step()
             if gpu:
                 torch.cuda.synchronize()
@@ -302,23 +318,6 @@ def profile_step(step, path: str, title: str) -> None:
     if dist.get_rank() == 0:
         with open(path, "a") as f:
             f.write(f"\n## {title}\n{table}")
-
-
-def _count_kernel_calls() -> list:
-    """Count local attention forward calls (shows whether a recompute re-runs the attention)."""
-    import parallel.cp.kernels as kernels
-
-    box = [0]
-    for name, k in list(kernels.KERNELS.items()):
-        base = getattr(k.forward, "__wrapped_forward__", k.forward)
-
-        def counted(*a, _base=base, **kw):
-            box[0] += 1
-            return _base(*a, **kw)
-
-        counted.__wrapped_forward__ = base
-        kernels.KERNELS[name] = kernels.Kernel(k.name, counted, k.backward, k.device)
-    return box
 
 
 def main() -> None:
@@ -344,6 +343,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--profile", default=None, help="file: profile one extra step per row, append the top GPU ops"
+    )
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="time one extra step per row by part (attention kernels, loss, optimizer, the rest)",
     )
     ap.add_argument(
         "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: gloo smoke run (--model tiny)"
@@ -386,6 +390,7 @@ def main() -> None:
                         overrides=overrides,
                         profile=args.profile,
                         device=device,
+                        breakdown=args.breakdown,
                     )
                 except Exception as e:  # an OOM or any failure: keep the rest of the table
                     row = dict(model=model, impl=impl, seq=seq, ac=ac, error=describe_error(e))

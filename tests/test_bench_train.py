@@ -1,5 +1,5 @@
 """bench/train.py on 2 CPU processes (gloo, tiny Llama): the harness runs the trainer's step for each
-layout and memory variant, counts the attention recompute, and turns a combination the trainer refuses
+layout and memory variant, counts the attention recompute, times a step by part, and turns a combination the trainer refuses
 into an error row instead of a measurement."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def test_train_bench_runs_on_cpu(tmp_path):
         "-m", "bench.train", "--model", "tiny", "--device", "cpu", "--seqs", "256",
         "--impls", "ring", "ulysses", "--ac", "full", "full_keep_attn",
         "--variant", "base:", "--variant", "group2-offload:parallel.ac_group=2,parallel.activation_offload=true",
-        "--warmup", "1", "--steps", "1", "--out", str(out),
+        "--warmup", "1", "--steps", "1", "--breakdown", "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,6 +40,12 @@ def test_train_bench_runs_on_cpu(tmp_path):
             (impl, "full", "group2-offload"),
         ):
             assert "error" not in rows[key] and rows[key]["step_s"] > 0, rows[key]
+            # --breakdown: the timed parts of one more step, and what they leave of it
+            parts = rows[key]["breakdown"]
+            assert {"attn_fwd_ms", "attn_bwd_ms", "loss_ms", "optimizer_ms", "step_ms"} <= set(parts)
+            assert 0 < parts["attn_fwd_ms"] < parts["step_ms"] and parts["optimizer_ms"] > 0
+            timed = sum(v for k, v in parts.items() if k not in ("step_ms", "other_ms"))
+            assert abs(timed + parts["other_ms"] - parts["step_ms"]) < 0.5
 
 
 def test_max_context_probes_with_memory_switches_on_cpu(tmp_path):
@@ -57,7 +63,7 @@ def test_max_context_probes_with_memory_switches_on_cpu(tmp_path):
         return json.loads(out.read_text())
 
     ok = run(
-        "--probes", "256", "512", "--set", "parallel.ac_group=2", "--set", "parallel.activation_offload=true"
+        "--probes", "512", "256", "--set", "parallel.ac_group=2", "--set", "parallel.activation_offload=true"
     )
     assert ok["longest_ok"] == 512 and all(p["ok"] for p in ok["probes"])
     assert ok["overrides"] == {"parallel.ac_group": 2, "parallel.activation_offload": True}
