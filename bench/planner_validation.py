@@ -6,8 +6,9 @@
 Reads the bench/train.py result files of a run directory, rebuilds each measured layout's config exactly
 as bench/train.py did, asks the planner (parallel/planner) for its prediction, and prints the comparison
 table plus whether the measured order of layouts is the predicted one. `--memory-only FILE...` compares
-only the peak memory of bench/train.py runs whose times are not comparable (one step without warm-up),
-with each row's --variant overrides and --layers. CPU only: no GPU needed.
+only the peak memory of bench/train.py runs whose times are not comparable (one step without warm-up, whose
+peak precedes AdamW's moments: the prediction leaves them out), with each row's --variant overrides and
+--layers. CPU only: no GPU needed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def measured_rows(results_dir: str) -> list[dict]:
                 key = (r["model"], r["impl"], r["seq"], r.get("ac", "full"))
                 rows[key] = {**r, "ac": key[3]}
     return list(rows.values())
+
+
+def first_step_only(path: str) -> bool:
+    """Whether a bench/train.py file measured one step without warm-up: its peaks precede AdamW's moments."""
+    args = json.load(open(path))["meta"]["args"]
+    return args.get("warmup", 1) == 0
 
 
 def variant_rows(path: str) -> list[tuple[dict, dict]]:
@@ -73,12 +80,16 @@ def main() -> None:
     if args.memory_only:
         table = []
         for path in args.memory_only:
+            first = first_step_only(path)
             for row, overrides in variant_rows(path):
                 p = predict(row, overrides=overrides)
+                # A first step's peak comes before AdamW creates its moments (on the GPU unless offloaded).
+                pred = p.memory.allocated - (p.memory.optimizer if first else 0)
                 table.append(
                     dict(
-                        layout=f"{row['model']} {row['impl']} {row['seq'] // 1024}k {row['variant']}",
-                        pred_mem_gib=p.memory.allocated / 2**30,
+                        layout=f"{row['model']} {row['impl']} {row['seq'] // 1024}k {row['variant']}"
+                        + (" (1st step)" if first else ""),
+                        pred_mem_gib=pred / 2**30,
                         meas_mem_gib=row.get("peak_gib"),  # None: the step ran out of memory
                     )
                 )

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         rank = dist.get_rank()
         out.update(measure_comm())
     out.update(measure_compute(args.seq_len))
-    kept = ["internode_gbps", "fp32_speed", "overhead_gib"]
+    kept = ["internode_gbps", "fp32_speed", "overhead_gib", "elementwise_gbps"]
     if not multi:
         kept += ["alltoall_gibps", "p2p_gibps", "collective_gibps"]
     out["assumptions"] = [f"{k}: copied from {os.path.basename(args.base)}, not measured" for k in kept]

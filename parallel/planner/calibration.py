@@ -33,8 +33,10 @@ class DeviceRates:
     """All-reduce / all-gather / reduce-scatter bus bandwidth inside a node."""
     internode_gbps: float
     """Per-GPU bandwidth of any group that spans nodes (decimal GB/s)."""
-    hbm_gbps: float = 3000.0
-    """Device memory bandwidth (decimal GB/s, bytes read + written) for the memory-bound elementwise work."""
+    elementwise_gbps: float = 1450.0
+    """Effective rate (decimal GB/s) of the memory-bound work per byte the cost model counts for it: the
+    norms, SiLU, RoPE, residual adds, loss and optimizer bytes of cost.py, against the time of every
+    kernel that is neither matmul, attention nor NCCL (which also covers copies the count leaves out)."""
     fp32_speed: float = 0.089
     """Fraction of the bf16 rates reached when model.dtype is float32."""
     overhead_gib: float = 2.0
@@ -91,6 +93,7 @@ def load_rates(path: str | None = None) -> DeviceRates:
             p2p_gibps=float(raw["p2p_gibps"]),
             collective_gibps=float(raw.get("collective_gibps", raw["alltoall_gibps"])),
             internode_gbps=float(raw["internode_gbps"]),
+            elementwise_gbps=float(raw.get("elementwise_gbps", 1450.0)),
             fp32_speed=float(raw.get("fp32_speed", 0.089)),
             overhead_gib=float(raw.get("overhead_gib", 2.0)),
             assumptions=list(raw.get("assumptions", [])),

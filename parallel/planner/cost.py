@@ -157,8 +157,9 @@ def step_time(
     # Memory-bound elementwise work per token and layer (forward): two RMSNorms with their fp32 upcast
     # (~60h bytes with the residual adds), SiLU x up over the MLP width (~12 I/t), RoPE on q and k
     # (~16 (a_r + k_r) d); backward moves about twice that, a recompute once more. The chunked loss streams
-    # fp32 logits about ten times (40 V bytes per token); AdamW reads p, g, m, v and writes p, m, v.
-    hbm = rates.hbm_gbps * 1e9
+    # fp32 logits about ten times (40 V bytes per token); AdamW reads p, g, m, v and writes p, m, v. The
+    # rate is the calibrated effective one (calibration.py), not the HBM's peak.
+    hbm = rates.elementwise_gbps * 1e9
     per_token = 60 * h + 12 * shape.intermediate / layout.tp + 16 * (rv.heads + rv.kv_heads) * d
     shard = (ls * shape.layer_params(layout.tp) + shape.root_params(layout.pp)) / (layout.dp * layout.cp)
     memory_bound = (rv.tokens * (ls * per_token * (3 + ac) + 40 * shape.vocab) + 28 * shard / rv.steps) / hbm
