@@ -48,13 +48,18 @@ def describe_error(exc: BaseException, limit: int = 200) -> str:
 
 
 def init_dist(device_type: str = "cuda") -> tuple[int, int]:
-    """Join the torchrun process group (NCCL; gloo for CPU smoke runs) or run alone; returns (rank, world)."""
+    """Join the torchrun process group (NCCL; gloo for CPU smoke runs) or run alone; returns (rank, world).
+    On CUDA the device is picked as the trainer picks it, expandable_segments included: an OOM threshold
+    measured with another allocator setting would not be the trainer's."""
+    if device_type != "cpu":
+        from trainer.distributed import pick_device
+
+        pick_device("cuda")
     if "RANK" in os.environ and not dist.is_initialized():
         if device_type == "cpu":
             dist.init_process_group("gloo")
             return dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
