@@ -10,6 +10,8 @@ global token count, AdamW, grad clipping, non-finite check). Reports
 tokens/s/GPU, MFU (trainer/metrics.flops_per_token convention, 989 TF/s bf16 peak) and peak memory.
 The peer is what HF accelerate's cp_size does underneath: LlamaForCausalLM (SDPA) + fully_shard + torch
 `context_parallel` (cuDNN SDPA), HF gradient checkpointing, full logits.
+--breakdown times one more step by part (bench/meter.py: attention kernels, loss, optimizer, the rest);
+--profile appends that step's top GPU kernels (torch.profiler) to a file.
 """
 
 from __future__ import annotations
