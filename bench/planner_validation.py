@@ -34,14 +34,26 @@ def measured_rows(results_dir: str) -> list[dict]:
 
 
 def first_step_only(path: str) -> bool:
-    """Whether a bench/train.py file measured one step without warm-up: its peaks precede AdamW's moments."""
-    args = json.load(open(path))["meta"]["args"]
-    return args.get("warmup", 1) == 0
+    """Whether a file measured one step without warm-up (max_context probes always do): its peaks precede
+    AdamW's moments."""
+    data = json.load(open(path))
+    return "probes" in data or data["meta"]["args"].get("warmup", 1) == 0
 
 
 def variant_rows(path: str) -> list[tuple[dict, dict]]:
-    """(row, its config overrides) for every row of a bench/train.py result file (OOM rows included)."""
+    """(row, its config overrides) for every row of a bench/train.py or bench.max_context (fsdp2 engine)
+    result file (OOM rows included)."""
     data = json.load(open(path))
+    if "probes" in data:  # max_context: one layout, one row per probed length
+        overrides = dict(data["overrides"])
+        if data["offload"]:
+            overrides["parallel.fsdp_cpu_offload"] = True
+        label = f"max_context{' offload' if data['offload'] else ''}"
+        return [
+            (dict(model=data["model"], impl=data["strategy"], seq=p["seq"], ac=data["ac"], variant=label,
+                  peak_gib=p.get("peak_gib")), overrides)
+            for p in data["probes"]
+        ]  # fmt: skip
     args = data["meta"]["args"]
     variants = dict(parse_variant(v) for v in args.get("variant") or ["base:"])
     layers = args.get("layers")

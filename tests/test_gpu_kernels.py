@@ -11,6 +11,7 @@ import itertools
 import pytest
 import torch
 
+import parallel.cp.kernels as kernels
 from parallel.cp.kernels import KERNELS, default_scale, math_backward, math_forward, select_kernel
 
 pytestmark = [
@@ -57,13 +58,33 @@ def _inputs(b, h, hkv, sq, sk, d, dtype, gen, strided: bool):
     + [("cudnn", torch.bfloat16, SHAPES[1], True), ("flash", torch.bfloat16, SHAPES[1], True)],
 )
 def test_kernel_matches_float64(name, dtype, shape, strided):
-    b, h, hkv, sq, sk, d, causal = shape
     kernel = KERNELS[name]
+    _check_against_float64(name, kernel.forward, kernel.backward, dtype, shape, strided)
+
+
+@pytest.mark.parametrize("expand", [False, True])
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[2] < s[1] and s[3] > 1 and s[4] > 1])
+def test_cudnn_gqa_native_and_expanded(shape, expand):
+    """Both ways of running GQA through cuDNN (K/V heads as they are, or expanded to the query heads)."""
+    if not expand and not kernels.cudnn_native_gqa(torch.device("cuda")):
+        pytest.skip("this torch/cuDNN build does not take fewer K/V heads (kernels expand them)")
+
+    def fwd(q, k, v, causal, scale):
+        return kernels._cudnn_forward(q, k, v, causal, scale, expand)
+
+    def bwd(dout, q, k, v, out, lse, causal, scale):
+        return kernels._cudnn_backward(dout, q, k, v, out, lse, causal, scale, expand)
+
+    _check_against_float64(f"cudnn expand={expand}", fwd, bwd, torch.bfloat16, shape, strided=True)
+
+
+def _check_against_float64(name, forward, backward, dtype, shape, strided):
+    b, h, hkv, sq, sk, d, causal = shape
     gen = torch.Generator(device="cuda").manual_seed(hash((name, str(dtype), shape)) % 2**31)
     q, k, v, dout = _inputs(b, h, hkv, sq, sk, d, dtype, gen, strided)
     scale = default_scale(d)
 
-    out, lse = kernel.forward(q, k, v, causal, scale)
+    out, lse = forward(q, k, v, causal, scale)
     ref_out, ref_lse = math_forward(q.double(), k.double(), v.double(), causal, scale)
     assert out.shape == (b, h, sq, d) and out.dtype == dtype
     assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
@@ -71,7 +92,7 @@ def test_kernel_matches_float64(name, dtype, shape, strided):
     assert rel(out, ref_out) < 1e-2, f"{name} out rel err {rel(out, ref_out):.2e}"
     assert (lse.double() - ref_lse).abs().max().item() < 2e-3, f"{name} lse off"
 
-    dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, causal, scale)
+    dq, dk, dv = backward(dout, q, k, v, out, lse, causal, scale)
     ref = math_backward(
         dout.double(), q.double(), k.double(), v.double(), out.double(), lse.double(), causal, scale
     )

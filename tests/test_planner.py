@@ -146,16 +146,27 @@ def test_memory_arithmetic_exact():
     assert memory_breakdown(SMALL, Layout(1, 1, 1, 2, 1, "zigzag"), long).attention == (
         per_token * 2 * BACKWARD_ROWS + BACKWARD_ROWS * 4 * 164
     )
-    assert mem.logits == 16 * 100 * (2 + 8)
-    # peak = static + max(layer phase, loss phase); attention buffers only beyond the freed MLP (4*2*128*32)
-    assert (mem.saved_activations, mem.mlp_working, mem.gathered_root) == (
+    # a chunk's backward: bf16 logits, fp32 logits, fp32 log-softmax, fp32 gradient
+    assert mem.logits == 16 * 100 * (2 + 12)
+    # the MLP backward's gradients: 3*2*128 per token
+    assert (mem.saved_activations, mem.mlp_working, mem.mlp_grads, mem.gathered_root) == (
         2 * 1688 * 32,
         32768,
+        24576,
         25728 + 12800,
     )
-    layer_phase = 408448 + 166272 + (70656 - 32768)
-    loss_phase = 38528 + 2 * 1688 * 32 + 16000
-    assert mem.total == 2 * 173696 + 347392 + max(layer_phase, loss_phase)
+    # peak = params + AdamW + max(layer phase, loss phase). Layer phase: gathered, one layer's working set
+    # (1688 + 132 per token), the larger of the MLP gradients and the attention buffers beyond the freed
+    # MLP (70656 - 32768), and - no gradient accumulation, so the step starts without gradients - the
+    # larger of the saved activations and the gradients backward builds while freeing them.
+    working = (1688 + 132) * 32
+    layer_phase = 408448 + working + (70656 - 32768) + max(2 * 1688 * 32, 4 * 43424)
+    loss_phase = 38528 + 2 * 1688 * 32 + 22400
+    assert mem.total == 173696 + 347392 + max(layer_phase, loss_phase)
+    # with gradient accumulation the gradients stay for the whole step, beside the saved activations
+    acc = memory_breakdown(SMALL, Layout(1, 1, 1, 2, 1, "zigzag"), dataclasses.replace(work, grad_accum=2))
+    layer_phase = 408448 + working + (70656 - 32768) + 2 * 1688 * 32
+    assert acc.total == 2 * 173696 + 347392 + max(layer_phase, loss_phase)
 
 
 def test_memory_monotonic():

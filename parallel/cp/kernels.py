@@ -147,32 +147,30 @@ def _cudnn_rejects(q: Tensor, k: Tensor) -> bool:
     return q.shape[2] == 1 or k.shape[2] == 1
 
 
-def cudnn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    if _cudnn_rejects(q, k):
-        return flash_forward(q, k, v, causal, scale)
+def _cudnn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, expand: bool):
     b, h, sq = q.shape[:3]
+    if expand:
+        k, v = _expand_kv(k, h), _expand_kv(v, h)
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, _expand_kv(k, h), _expand_kv(v, h), None, True, 0.0, causal, False, scale=scale
+        q, k, v, None, True, 0.0, causal, False, scale=scale
     )
     # cuDNN returns lse as [B, H, Sq, 1] (strided like the output on some versions): reshape, not view.
     return res[0], res[1].reshape(b, h, sq).float()
 
 
-def cudnn_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    if _cudnn_rejects(q, k):
-        return flash_backward(dout, q, k, v, out, lse, causal, scale)
+def _cudnn_backward(dout, q, k, v, out, lse, causal: bool, scale: float, expand: bool):
     h, hkv = q.shape[1], k.shape[1]
     sq, sk = q.shape[2], k.shape[2]
+    if expand:
+        k, v = _expand_kv(k, h), _expand_kv(v, h)
     philox = torch.zeros((), dtype=torch.int64, device=q.device)  # read only with dropout > 0
     # attn_bias and cum_seq must be undefined (None): a defined empty tensor is taken as a bias / varlen.
     # cuDNN wants dO laid out like O; both are made contiguous [B, H, S, D] here.
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         dout.contiguous(),
         q,
-        _expand_kv(k, h),
-        _expand_kv(v, h),
+        k,
+        v,
         out.contiguous(),
         lse.float().unsqueeze(-1).contiguous(),
         philox,
@@ -187,6 +185,49 @@ def cudnn_backward(
         scale=scale,
     )
     return dq, _reduce_kv_grad(dk, hkv), _reduce_kv_grad(dv, hkv)
+
+
+_NATIVE_GQA: dict[int, bool] = {}
+
+
+def cudnn_native_gqa(device: torch.device) -> bool:
+    """Whether cuDNN attention takes fewer K/V heads than query heads, forward and backward, on this
+    device - else every call expands K and V to all query heads (copies of 2 x 4 GiB per call at 512k keys
+    and 8B's head counts, and dK/dV as large before their reduction). Decided once per device against the
+    expanded call on a small problem, so a build without the support (or with a wrong result) falls back."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NATIVE_GQA:
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, dout = (torch.randn(1, 4, 256, 64, generator=gen, device=device).bfloat16() for _ in range(2))
+        k, v = (torch.randn(1, 2, 256, 64, generator=gen, device=device).bfloat16() for _ in range(2))
+        results = []
+        try:
+            for expand in (False, True):
+                out, lse = _cudnn_forward(q, k, v, True, 0.125, expand)
+                results.append((out, lse, *_cudnn_backward(dout, q, k, v, out, lse, True, 0.125, expand)))
+            _NATIVE_GQA[index] = all(
+                a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+                for a, b in zip(*results)
+            )
+        except RuntimeError:
+            _NATIVE_GQA[index] = False
+    return _NATIVE_GQA[index]
+
+
+def cudnn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    if _cudnn_rejects(q, k):
+        return flash_forward(q, k, v, causal, scale)
+    expand = k.shape[1] != q.shape[1] and not cudnn_native_gqa(q.device)
+    return _cudnn_forward(q, k, v, causal, scale, expand)
+
+
+def cudnn_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    if _cudnn_rejects(q, k):
+        return flash_backward(dout, q, k, v, out, lse, causal, scale)
+    expand = k.shape[1] != q.shape[1] and not cudnn_native_gqa(q.device)
+    return _cudnn_backward(dout, q, k, v, out, lse, causal, scale, expand)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,12 @@ the step's grad_accum*micro_batch sequences form m = pp_microbatches microbatche
                              ring R>1: + Tm * [4*b*k_r*d + 8*k_r*d]  2 KV blocks + 1 dKV block in flight
                              Ulysses U>1: + Tm * 2*b*(a_r + 2*k_r)*d  all-to-all send/receive copies
     LM-head logits           chunk * V * (b + 12): one loss_chunk of logits plus 3 fp32 tensors
-    peak = params+grads+AdamW + gathered + activations + max(attention buffers, logits) + overhead
+    MLP backward             3*b*ceil(I/t)/mlp_chunks * Tm: gradients of SiLU(gate)*up, up and gate
+    peak = params + AdamW + max(layer phase, loss phase) + overhead, where the layer phase holds the
+           gathered layers, one layer's working set, the larger of its MLP backward gradients and its
+           attention buffers beyond the freed MLP part, and
+           max(saved activations, grads) - a step starts without gradients and backward builds them as it
+           frees the saved activations (with gradient accumulation or PP the grads stay: both, summed)
 """
 
 from __future__ import annotations
@@ -268,8 +273,9 @@ def logits_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
     rv = rank_view(shape, layout, work)
     seqs = rv.mb_seqs
     per_row = min(max(1, work.loss_chunk // seqs), work.seq_len // layout.cp)
-    # The chunk's logits in the compute dtype, then fp32 logits and fp32 log-softmax alive together.
-    return seqs * per_row * shape.vocab * (work.compute_bytes + 8)
+    # Backward of a chunk (its recompute): logits in the compute dtype, fp32 logits, fp32 log-softmax and
+    # the fp32 gradient the cross-entropy hands back, alive together.
+    return seqs * per_row * shape.vocab * (work.compute_bytes + 12)
 
 
 @dataclass(frozen=True)
@@ -288,16 +294,33 @@ class MemoryBreakdown:
     """The part of `gathered` that stays during the loss: root parameters and the head's gradient."""
     mlp_working: int = 0
     """The working layer's MLP activations, already freed when its attention runs backward."""
+    mlp_grads: int = 0
+    """Gradients the MLP's backward makes beside its saved intermediates (the product's, up's and gate's)."""
+    grads_resident: bool = True
+    """Gradients live through the whole step (gradient accumulation, PP). Otherwise the step starts without
+    them (the trainer sets them to None after each update) and backward makes them layer by layer."""
 
     @property
     def allocated(self) -> int:
         """Peak of the allocator (what torch.cuda.max_memory_allocated reports): the static state plus the
         larger of two phases - inside a decoder layer (its working set, gathered layers, and the attention
         buffers where they exceed the MLP activations that backward has freed by the time attention runs)
-        and in the chunked loss (saved activations, root parameters, one chunk of logits)."""
-        layer_phase = self.gathered + self.activations + max(0, self.attention - self.mlp_working)
+        and in the chunked loss (saved activations, root parameters, one chunk of logits). Gradients that
+        backward creates replace the saved activations it frees: at the first layer back all inputs are
+        still saved and no gradient exists, at the last the reverse, so the layer phase holds the larger."""
+        working = self.activations - self.saved_activations
+        # Backward of one layer: first its MLP (intermediates + their gradients), then its attention
+        # (buffers, once the MLP's intermediates are freed) - whichever needs more on top of the working set.
+        backward = max(self.mlp_grads, self.attention - self.mlp_working)
+        static = self.params + self.optimizer
+        if self.grads_resident:
+            static += self.grads
+            held = self.saved_activations
+        else:
+            held = max(self.saved_activations, self.grads)
+        layer_phase = self.gathered + working + held + backward
         loss_phase = self.gathered_root + self.saved_activations + self.logits
-        return self.params + self.grads + self.optimizer + max(layer_phase, loss_phase)
+        return static + max(layer_phase, loss_phase)
 
     @property
     def total(self) -> int:
@@ -336,4 +359,6 @@ def memory_breakdown(
         saved_activations=saved_activation_bytes(shape, layout, work),
         gathered_root=gathered_root,
         mlp_working=4 * b * math.ceil(shape.intermediate / layout.tp) // work.mlp_chunks * rv.mb_tokens,
+        mlp_grads=3 * b * math.ceil(shape.intermediate / layout.tp) // work.mlp_chunks * rv.mb_tokens,
+        grads_resident=work.grad_accum > 1 or layout.pp > 1,
     )
