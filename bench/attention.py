@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import parallel.cp.kernels as kernels
 from bench.common import gpu_name, init_dist, log0, markdown_table, max_over_ranks, time_ms, write_results
 from parallel.cp.api import build_context, cp_attn_func
 from parallel.cp.kernels import default_scale, select_kernel
@@ -129,6 +130,13 @@ def main() -> None:
     ap.add_argument("--kernel", default="auto")
     ap.add_argument("--impls", nargs="+", default=["single", "ring", "ulysses", "torch_cp"])
     ap.add_argument("--rotate", nargs="+", default=["allgather", "alltoall"], help="torch CP rotate methods")
+    ap.add_argument(
+        "--gqa",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "native", "expand"],
+        help="cuDNN with fewer K/V heads: as probed (auto), forced native, or K/V expanded per call",
+    )
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default=None)
@@ -136,49 +144,53 @@ def main() -> None:
     rank, world = init_dist()
     h, d = args.heads, args.head_dim
     rows = []
-    for s in args.seqs:
-        for hkv in args.kv_heads:
-            base = None
-            for impl in args.impls:
-                variants = args.rotate if impl == "torch_cp" else [None]
-                for rot in variants:
-                    if impl == "torch_cp" and hkv != h and rot != args.rotate[0]:
-                        continue
-                    _free()
-                    row = dict(impl=impl if rot is None else f"torch_cp/{rot}", S=s, heads=h, kv_heads=hkv)
-                    try:
-                        if impl == "single":
-                            name, tf, tfb, fl = bench_single(s // world, h, hkv, d, args.kernel, args.iters)
-                            row.update(impl=f"single/{name}", S_local=s // world)
-                        elif impl in ("ring", "ulysses"):
-                            prof = args.profile and s == args.seqs[0] and hkv == args.kv_heads[0]
-                            tf, tfb, fl = bench_longctx(
-                                impl, s, h, hkv, d, args.kernel, world, args.iters, prof
-                            )
-                        else:
-                            tf, tfb, fl = bench_torch_cp(s, h, hkv, d, world, rot, args.iters)
-                    except Exception as e:  # one failing variant must not lose the rest of the table
-                        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                        log0(f"{row['impl']} S={s} hkv={hkv} FAILED {row['error']}")
-                        rows.append(row)
-                        continue
-                    row.update(
-                        fwd_ms=tf,
-                        fwd_tflops=fl / tf / 1e9,
-                        fwdbwd_ms=tfb,
-                        fwdbwd_tflops=3.5 * fl / tfb / 1e9,
-                        peak_gib=max_over_ranks(torch.cuda.max_memory_allocated() / 2**30),
-                    )
+    runs = [
+        (s, hkv, g) for s in args.seqs for hkv in args.kv_heads for g in args.gqa if hkv != h or g == "auto"
+    ]
+    for s, hkv, gqa in runs:
+        if gqa != "auto":
+            kernels.set_cudnn_gqa(torch.device("cuda", torch.cuda.current_device()), gqa == "native")
+        base = None
+        for impl in args.impls:
+            variants = args.rotate if impl == "torch_cp" else [None]
+            for rot in variants:
+                if impl == "torch_cp" and hkv != h and rot != args.rotate[0]:
+                    continue
+                _free()
+                row = dict(impl=impl if rot is None else f"torch_cp/{rot}", S=s, heads=h, kv_heads=hkv)
+                if gqa != "auto":
+                    row["impl"] += f" gqa={gqa}"
+                try:
                     if impl == "single":
-                        base = row
-                    if base is not None and impl != "single":
-                        row["fwd_pct_single"] = 100 * row["fwd_tflops"] / base["fwd_tflops"]
-                        row["fwdbwd_pct_single"] = 100 * row["fwdbwd_tflops"] / base["fwdbwd_tflops"]
+                        name, tf, tfb, fl = bench_single(s // world, h, hkv, d, args.kernel, args.iters)
+                        row.update(impl=row["impl"].replace("single", f"single/{name}"), S_local=s // world)
+                    elif impl in ("ring", "ulysses"):
+                        prof = args.profile and s == args.seqs[0] and hkv == args.kv_heads[0]
+                        tf, tfb, fl = bench_longctx(impl, s, h, hkv, d, args.kernel, world, args.iters, prof)
+                    else:
+                        tf, tfb, fl = bench_torch_cp(s, h, hkv, d, world, rot, args.iters)
+                except Exception as e:  # one failing variant must not lose the rest of the table
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    log0(f"{row['impl']} S={s} hkv={hkv} FAILED {row['error']}")
                     rows.append(row)
-                    log0(
-                        f"{row['impl']:22s} S={s:7d} hkv={hkv:2d} fwd {tf:8.2f} ms {row['fwd_tflops']:6.1f} TF/s  "
-                        f"fwd+bwd {tfb:8.2f} ms {row['fwdbwd_tflops']:6.1f} TF/s  peak {row['peak_gib']:.1f} GiB"
-                    )
+                    continue
+                row.update(
+                    fwd_ms=tf,
+                    fwd_tflops=fl / tf / 1e9,
+                    fwdbwd_ms=tfb,
+                    fwdbwd_tflops=3.5 * fl / tfb / 1e9,
+                    peak_gib=max_over_ranks(torch.cuda.max_memory_allocated() / 2**30),
+                )
+                if impl == "single":
+                    base = row
+                if base is not None and impl != "single":
+                    row["fwd_pct_single"] = 100 * row["fwd_tflops"] / base["fwd_tflops"]
+                    row["fwdbwd_pct_single"] = 100 * row["fwdbwd_tflops"] / base["fwdbwd_tflops"]
+                rows.append(row)
+                log0(
+                    f"{row['impl']:22s} S={s:7d} hkv={hkv:2d} fwd {tf:8.2f} ms {row['fwd_tflops']:6.1f} TF/s  "
+                    f"fwd+bwd {tfb:8.2f} ms {row['fwdbwd_tflops']:6.1f} TF/s  peak {row['peak_gib']:.1f} GiB"
+                )
     meta = dict(
         date=datetime.date.today().isoformat(),
         gpu=gpu_name(),

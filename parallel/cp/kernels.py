@@ -214,6 +214,11 @@ def cudnn_native_gqa(device: torch.device) -> bool:
     return _NATIVE_GQA[index]
 
 
+def set_cudnn_gqa(device: torch.device, native: bool) -> None:
+    """Override that decision (benchmarks comparing the two ways; tests)."""
+    _NATIVE_GQA[device.index if device.index is not None else torch.cuda.current_device()] = native
+
+
 def cudnn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     if _cudnn_rejects(q, k):
         return flash_forward(q, k, v, causal, scale)
