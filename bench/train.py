@@ -429,7 +429,8 @@ def main() -> None:
             ],
         )
     )
-    dist.destroy_process_group()
+    if dist.is_initialized():  # (a run without torchrun has no process group)
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
