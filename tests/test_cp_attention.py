@@ -206,6 +206,30 @@ def test_kernel_selection_and_errors():
     assert set(KERNELS) >= {"math", "cpu_flash", "flash", "cudnn", "flash_attn"}
 
 
+def test_auto_kernel_on_each_gpu_generation(monkeypatch):
+    """auto: cuDNN on Hopper+, else flash-attn when installed, else torch's flash op; math past their limits."""
+    import parallel.cp.kernels as kernels
+
+    gpu, bf16 = torch.device("cuda", 0), torch.bfloat16
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
+    for capability, installed, want in [
+        ((9, 0), False, "cudnn"),
+        ((9, 0), True, "cudnn"),
+        ((8, 0), False, "flash"),
+        ((8, 0), True, "flash_attn"),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(kernels, "flash_attn_available", lambda i=installed: i)
+        assert select_kernel("auto", gpu, bf16, 128).name == want, (capability, installed)
+        assert select_kernel("auto", gpu, bf16, 512).name == "math"
+        assert select_kernel("auto", gpu, torch.float32, 64).name == "math"
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 8900)  # cuDNN 8: no fused attention
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(kernels, "flash_attn_available", lambda: False)
+    assert select_kernel("auto", gpu, bf16, 128).name == "flash"
+
+
 def _ulysses_errors(rank, world):
     msgs = []
     q = torch.randn(1, 8, 6, 8)  # 6 heads, degree 4

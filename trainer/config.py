@@ -32,7 +32,8 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer path or hub id; defaults to `model.path`."""
     attn_kernel: str = "auto"
-    """Local attention kernel under CP: auto | cudnn | flash | flash_attn | cpu_flash | math."""
+    """Local attention kernel under CP: auto | cudnn | flash | flash_attn | cpu_flash | math. auto: cuDNN on
+    Hopper and later, else flash_attn when installed, else torch's flash op; math beyond their limits."""
 
 
 @dataclass

@@ -309,12 +309,13 @@ def flash_attn_available() -> bool:
     return True
 
 
-def _cudnn_usable(device: torch.device) -> bool:
-    # cuDNN fused attention needs sm_80+ and a cuDNN >= 9 build; on Hopper it is the fastest kernel.
+def _cudnn_preferred(device: torch.device) -> bool:
+    # cuDNN fused attention is the fastest kernel on Hopper and later (with a cuDNN >= 9 build); on Ampere
+    # it runs but the flash kernels are the established choice (torch's own SDPA order), so auto takes those.
     if not torch.backends.cudnn.is_available():
         return False
     major, _ = torch.cuda.get_device_capability(device)
-    return major >= 8 and (torch.backends.cudnn.version() or 0) >= 90000
+    return major >= 9 and (torch.backends.cudnn.version() or 0) >= 90000
 
 
 def select_kernel(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Kernel:
@@ -332,7 +333,7 @@ def select_kernel(name: str, device: torch.device, dtype: torch.dtype, head_dim:
         return kernel
     if device.type == "cuda":
         half = dtype in (torch.float16, torch.bfloat16)
-        if half and head_dim <= 128 and head_dim % 8 == 0 and _cudnn_usable(device):
+        if half and head_dim <= 128 and head_dim % 8 == 0 and _cudnn_preferred(device):
             return KERNELS["cudnn"]
         if half and head_dim <= 256 and head_dim % 8 == 0:
             return KERNELS["flash_attn"] if flash_attn_available() else KERNELS["flash"]
