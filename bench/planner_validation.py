@@ -26,10 +26,12 @@ def measured_rows(results_dir: str) -> list[dict]:
     rows: dict[tuple, dict] = {}
     paths = [p for p in glob.glob(os.path.join(results_dir, "train_*.json")) if "before_fix" not in p]
     for path in sorted(paths, key=os.path.getmtime):
-        for r in json.load(open(path))["rows"]:
+        data = json.load(open(path))
+        world = data["meta"].get("world", 2)
+        for r in data["rows"]:
             if r.get("impl") in ("ring", "ulysses") and not r.get("error"):
-                key = (r["model"], r["impl"], r["seq"], r.get("ac", "full"))
-                rows[key] = {**r, "ac": key[3]}
+                key = (r["model"], r["impl"], r["seq"], r.get("ac", "full"), world)
+                rows[key] = {**r, "ac": key[3], "world": world}
     return list(rows.values())
 
 
@@ -77,7 +79,8 @@ def predict(row: dict, world: int = 2, overrides: dict | None = None):
     hf = AutoConfig.for_model(fields.pop("model_type"), **fields)
     fixed = dict(dp=1, tp=1, pp=1, cp=world)
     for r in plan_rows(cfg, world, hf, fixed=fixed):
-        if r.valid and r.layout.strategy == row["impl"] and r.layout.cp_layout == "zigzag":
+        one_gpu = world == 1  # no CP: the single layout, whatever strategy the row was labelled with
+        if r.valid and (one_gpu or (r.layout.strategy == row["impl"] and r.layout.cp_layout == "zigzag")):
             return r
     raise LookupError(f"no planner row for {row}")
 
@@ -108,9 +111,12 @@ def main() -> None:
         print(compare_with_measurements(table))
         return
     table, pairs = [], []
-    for row in sorted(measured_rows(args.results), key=lambda r: (r["model"], r["seq"], r["impl"], r["ac"])):
-        p = predict(row)
-        label = f"{row['model']} {row['impl']} {row['seq'] // 1024}k ac={row['ac']}"
+    for row in sorted(
+        measured_rows(args.results), key=lambda r: (r["world"], r["model"], r["seq"], r["impl"], r["ac"])
+    ):
+        p = predict(row, world=row["world"])
+        gpus = "" if row["world"] == 2 else f" {row['world']} GPU{'s' if row['world'] > 1 else ''}"
+        label = f"{row['model']} {row['impl']} {row['seq'] // 1024}k ac={row['ac']}{gpus}"
         table.append(
             dict(
                 layout=label,

@@ -80,3 +80,48 @@ def test_max_context_probes_with_memory_switches_on_cpu(tmp_path):
     assert cfg["model"] == "run.yaml" and cfg["strategy"] == "ulysses" and probe["ok"]
     assert cfg["overrides"]["model.config"]["hidden_size"] == 32
     assert probe["attn_fwd_calls_per_step"] == 5  # ulysses, 2 layers in one checkpointed group
+
+
+def test_planner_validation_reads_every_result_kind(tmp_path):
+    """bench.planner_validation: train rows of 1 and 2 GPUs (timed), first-step rows and max_context probes
+    (memory only, without AdamW's moments), each against the planner's own prediction for that layout."""
+    from bench.planner_validation import predict
+
+    gib = 2**30
+    rows2 = [dict(model="1b", impl="ring", seq=32768, ac="full_keep_attn"), dict(model="1b", impl="ulysses",
+             seq=32768, ac="full")]  # fmt: skip
+    p = [predict(r) for r in rows2]
+    # error = (predicted - measured) / measured: +10% for the first row (ok), -40% for the second (off)
+    rows2[0].update(step_s=p[0].time.total / 1.1, peak_gib=p[0].memory.allocated / gib / 1.1)
+    rows2[1].update(step_s=p[1].time.total / 0.6, peak_gib=p[1].memory.allocated / gib / 0.6)
+    one = dict(model="1b", impl="ring", seq=16384, ac="full")
+    p1 = predict(one, world=1)
+    one.update(step_s=p1.time.total, peak_gib=p1.memory.allocated / gib)
+    (tmp_path / "train_a.json").write_text(json.dumps({"meta": {"world": 2, "args": {}}, "rows": rows2}))
+    (tmp_path / "train_b.json").write_text(json.dumps({"meta": {"world": 1, "args": {}}, "rows": [one]}))
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.planner_validation", "--results", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = {
+        line.split(" | ")[0].strip("| "): line for line in out.stdout.splitlines() if line.startswith("| 1b")
+    }
+    assert "+10% ok" in lines["1b ring 32k ac=full_keep_attn"].split(" | ")[3]
+    assert lines["1b ulysses 32k ac=full"].count("-40% off") == 2
+    assert lines["1b ring 16k ac=full 1 GPU"].count("+0% ok") == 2
+
+    # max_context probes: a first step (no AdamW moments yet); an OOM probe has no measurement
+    probe = dict(model="1b", impl="ring", seq=65536, ac="full")
+    first = predict(probe)
+    first_step_gib = (first.memory.allocated - first.memory.optimizer) / gib
+    mc = dict(model="1b", strategy="ring", ac="full", offload=False, overrides={}, cp=2,
+              probes=[dict(seq=65536, ok=True, peak_gib=first_step_gib), dict(seq=131072, ok=False)])  # fmt: skip
+    (tmp_path / "mc.json").write_text(json.dumps(mc))
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.planner_validation", "--memory-only", str(tmp_path / "mc.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = [line for line in out.stdout.splitlines() if line.startswith("| 1b")]
+    assert len(table) == 2 and "+0% ok" in table[0] and "(1st step)" in table[0]
