@@ -11,7 +11,7 @@ import torch.distributed as dist
 import parallel.cp.ring as ring
 from parallel.cp.api import build_context, cp_attn_func
 from parallel.cp.kernels import KERNELS, select_kernel
-from parallel.cp.plan import block_mask, plan_blocks, split_rows
+from parallel.cp.plan import block_mask, group_squares, plan_blocks, split_rows
 from parallel.cp.sharding import gather, shard, shard_index, unshard
 from tests.dist import run_distributed
 
@@ -101,8 +101,10 @@ def _check_all(rank, world, seed):
         runs = [(torch.float64, "math", "float32"), (torch.float32, "cpu_flash", "float32")]
         runs += [(torch.bfloat16, "math", "float32"), (torch.bfloat16, "math", "input")]
         runs += [(torch.float64, "math", "rows<=5")]  # backward kernel calls cut into 5-row pieces
-        for dtype, kernel, accum in runs:
+        for run, (dtype, kernel, accum) in enumerate(runs):
             ring.BACKWARD_ROWS = 5 if accum == "rows<=5" else BACKWARD_ROWS
+            # short packed documents in batched kernel calls (the GPU default) on every other run
+            ring.BATCHED_SQUARE_ROWS["cpu"] = 4096 if run % 2 == 0 else 0
             ql, kl, vl = (shard(x, world, cp_rank, layout).to(dtype).requires_grad_() for x in (q, k, v))
             local_docs = shard(doc_ids, world, cp_rank, layout) if docs else None
             out = cp_attn_func(
@@ -162,6 +164,7 @@ def test_sharding_roundtrip_and_errors():
 
 def test_plan_covers_exactly_the_allowed_pairs():
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**30, ()).item()))
+    formed = 0
     for _ in range(50):
         s = 48
         cp = 4
@@ -186,6 +189,14 @@ def test_plan_covers_exactly_the_allowed_pairs():
                 for blk in pieces:
                     cover[blk.q0 : blk.q1, blk.k0 : blk.k1] += 1
                 assert cover.max() <= 1, "split blocks overlap"
+                groups, rest = group_squares(plan, 6, 12)
+                assert sorted(rest + [b for g in groups for b in g], key=str) == sorted(plan, key=str)
+                formed += len(groups)
+                for g in groups:  # batched calls: >= 2 causal squares of similar length, bounded padding
+                    sizes = [b.q1 - b.q0 for b in g]
+                    assert len(g) >= 2 and all(b.causal and b.k1 - b.k0 == b.q1 - b.q0 for b in g)
+                    assert max(sizes) <= min(2 * min(sizes), 6) and len(g) * max(sizes) <= 12
+    assert formed > 0
 
 
 def test_zigzag_plan_is_one_kernel_call_per_step():

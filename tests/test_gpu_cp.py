@@ -74,6 +74,8 @@ def _worker() -> None:
         ("ulysses", "zigzag", True, 2, False),
         ("ulysses", "contiguous", False, 8, False),
         ("ulysses", "zigzag", True, 8, True),
+        ("ring", "zigzag", True, 2, "many"),  # short documents: batched kernel calls (parallel/cp/batched.py)
+        ("ulysses", "zigzag", True, 8, "many"),
     ]
     b, s, h, d = 1, 4096, 8, 128
     for i, (strategy, layout, causal, hkv, docs) in enumerate(cases):
@@ -81,9 +83,10 @@ def _worker() -> None:
         q, dout = (torch.randn(b, s, h, d, generator=gen, device="cuda").bfloat16() for _ in range(2))
         k, v = (torch.randn(b, s, hkv, d, generator=gen, device="cuda").bfloat16() for _ in range(2))
         doc_ids = None
-        if docs:  # three packed documents with uneven cuts
+        if docs:  # three packed documents with uneven cuts, or ~60 of 1 to 130 tokens
             doc_ids = torch.zeros(b, s, dtype=torch.int64, device="cuda")
-            for cut in (700, 2900, 3001):
+            cuts = (700, 2900, 3001) if docs is True else torch.randint(1, 130, (60,)).cumsum(0).tolist()
+            for cut in cuts:
                 doc_ids[:, cut:] += 1
         ref = _reference(q, k, v, dout, causal, doc_ids)
         loc = [shard(x, world, rank, layout, dim=1).requires_grad_() for x in (q, k, v)]

@@ -135,6 +135,33 @@ def split_rows(blocks: list[Block], max_rows: int) -> list[Block]:
     return out
 
 
+def group_squares(
+    blocks: list[Block], max_rows: int, max_total: int
+) -> tuple[list[list[Block]], list[Block]]:
+    """Small causal squares that can share one batched kernel call, and the other blocks. A group holds at
+    least two squares of at most `max_rows` rows, the longest at most twice the shortest (padding to the
+    longest costs at most 4x the group's own causal work, which at these lengths is launch overhead anyway),
+    and at most `max_total` padded rows."""
+    small = sorted((b for b in blocks if b.causal and b.q1 - b.q0 <= max_rows), key=lambda b: b.q1 - b.q0)
+    rest = [b for b in blocks if not (b.causal and b.q1 - b.q0 <= max_rows)]
+    groups: list[list[Block]] = []
+    i = 0
+    while i < len(small):
+        shortest = small[i].q1 - small[i].q0
+        j = i + 1
+        while j < len(small):
+            longest = small[j].q1 - small[j].q0
+            if longest > 2 * shortest or (j - i + 1) * longest > max_total:
+                break
+            j += 1
+        if j - i >= 2:
+            groups.append(small[i:j])
+        else:
+            rest.append(small[i])
+        i = j
+    return groups, rest
+
+
 def block_mask(blocks: list[Block], sq: int, sk: int) -> torch.Tensor:
     """Dense boolean mask of a plan (tests and debugging only)."""
     m = torch.zeros(sq, sk, dtype=torch.bool)

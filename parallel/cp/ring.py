@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from parallel.cp.batched import backward_squares, forward_squares
 from parallel.cp.kernels import Kernel
-from parallel.cp.plan import Block, split_rows
+from parallel.cp.plan import Block, group_squares, split_rows
 
 Tensor = torch.Tensor
 
@@ -30,6 +31,10 @@ Tensor = torch.Tensor
 # O and dO rows it takes grow with the rows of one call: at 512k tokens per GPU an unsplit block needs
 # ~20 GiB of such temporaries, 64k-row calls ~2.5 GiB, and calls this large still run at the kernel's rate.
 BACKWARD_ROWS = 65536
+# Causal squares up to this many rows (short packed documents) share batched kernel calls (batched.py), on
+# GPUs, where hundreds of small calls are launch-bound. On the CPU a call costs its arithmetic, which the
+# padding would only add to: off (tests switch it on to cover the path).
+BATCHED_SQUARE_ROWS = {"cuda": 4096, "cpu": 0}
 
 
 class RingComm:
@@ -83,6 +88,11 @@ def _forward_blocks(
     sees at least itself at step 0, so every row is finite before any merge, and a block's rows always
     see at least one key - the merge never meets -inf."""
     written: list[tuple[int, int]] = []
+    if fresh:  # (causal squares only occur at step 0: other ranks' keys are disjoint from our queries)
+        groups, blocks = group_squares(blocks, BATCHED_SQUARE_ROWS.get(q.device.type, 0), BACKWARD_ROWS)
+        for group in groups:
+            forward_squares(q, k, v, group, kernel, scale, out, lse)
+            written.extend((b.q0, b.q1) for b in group)
     for b in blocks:
         o, lse_b = kernel.forward(
             q[:, :, b.q0 : b.q1], k[:, :, b.k0 : b.k1], v[:, :, b.k0 : b.k1], b.causal, scale
@@ -97,7 +107,11 @@ def _forward_blocks(
 
 
 def _backward_blocks(dout, q, k, v, out, lse, blocks, kernel, scale, dq, dk, dv) -> None:
-    for b in split_rows(blocks, BACKWARD_ROWS):
+    small = BATCHED_SQUARE_ROWS.get(q.device.type, 0)
+    groups, blocks = group_squares(split_rows(blocks, BACKWARD_ROWS), small, BACKWARD_ROWS)
+    for group in groups:
+        backward_squares(dout, q, k, v, out, lse, group, kernel, scale, dq, dk, dv)
+    for b in blocks:
         qs, ks = slice(b.q0, b.q1), slice(b.k0, b.k1)
         gq, gk, gv = kernel.backward(
             dout[:, :, qs],
