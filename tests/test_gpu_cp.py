@@ -85,9 +85,12 @@ def _worker() -> None:
         doc_ids = None
         if docs:  # three packed documents with uneven cuts, or ~60 of 1 to 130 tokens
             doc_ids = torch.zeros(b, s, dtype=torch.int64, device="cuda")
-            cuts = (700, 2900, 3001) if docs is True else torch.randint(1, 130, (60,)).cumsum(0).tolist()
+            same = torch.Generator().manual_seed(99 + i)  # the same cuts on every rank
+            cuts = (
+                (700, 2900, 3001) if docs is True else torch.randint(1, 130, (60,), generator=same).cumsum(0)
+            )
             for cut in cuts:
-                doc_ids[:, cut:] += 1
+                doc_ids[:, int(cut) :] += 1
         ref = _reference(q, k, v, dout, causal, doc_ids)
         loc = [shard(x, world, rank, layout, dim=1).requires_grad_() for x in (q, k, v)]
         groups = dict(ring_group=group) if strategy == "ring" else dict(ulysses_group=group)
