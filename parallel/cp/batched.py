@@ -12,6 +12,8 @@ to dK/dV.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from parallel.cp.kernels import Kernel
@@ -20,8 +22,10 @@ from parallel.cp.plan import Block
 Tensor = torch.Tensor
 
 
-def _indices(group: list[Block], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Row indices [n, L] of the padded query and key blocks, and which entries are real."""
+@functools.lru_cache(maxsize=256)
+def _indices(group: tuple[Block, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Row indices [n, L] of the padded query and key blocks, and which entries are real (cached: the same
+    groups recur in every layer's forward, recompute and backward of a batch)."""
     lengths = torch.tensor([b.q1 - b.q0 for b in group])
     steps = torch.arange(int(lengths.max()))
     last = torch.minimum(steps[None, :], lengths[:, None] - 1)  # padding repeats the last row
@@ -45,7 +49,7 @@ def _real_rows(y: Tensor, batch: int, valid: Tensor) -> Tensor:
 
 def forward_squares(q, k, v, group: list[Block], kernel: Kernel, scale: float, out: Tensor, lse: Tensor):
     """Step 0: the group's rows get their first (and own) block's output and LSE."""
-    q_idx, k_idx, valid = _indices(group, q.device)
+    q_idx, k_idx, valid = _indices(tuple(group), q.device)
     o, lse_b = kernel.forward(_gather(q, q_idx), _gather(k, k_idx), _gather(v, k_idx), True, scale)
     rows = q_idx[valid]
     out[:, :, rows] = _real_rows(o, q.shape[0], valid).to(out.dtype)
@@ -53,7 +57,7 @@ def forward_squares(q, k, v, group: list[Block], kernel: Kernel, scale: float, o
 
 
 def backward_squares(dout, q, k, v, out, lse, group: list[Block], kernel: Kernel, scale: float, dq, dk, dv):
-    q_idx, k_idx, valid = _indices(group, q.device)
+    q_idx, k_idx, valid = _indices(tuple(group), q.device)
     batch, n = q.shape[0], valid.shape[0]
     d_out = _gather(dout, q_idx)
     d_out.view(batch, n, *d_out.shape[1:]).masked_fill_(~valid[None, :, None, :, None], 0)
