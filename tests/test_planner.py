@@ -335,6 +335,24 @@ def test_calibrate_needs_gpu(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().out
 
 
+def test_train_calibrate_flag(tmp_path):
+    """train.py --calibrate PATH: measures (GPU only) into a new file, never over an existing one."""
+
+    def run(path):
+        cmd = [sys.executable, "train.py", "--config", "configs/demo.yaml", "--calibrate", str(path)]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    existing = tmp_path / "calib.json"
+    existing.write_text("{}")
+    res = run(existing)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
+    assert "--calibrate" in res.stderr and "exists" in res.stderr and existing.read_text() == "{}"
+    res = run(tmp_path / "missing" / "calib.json")
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    res = run(tmp_path / "new.json")  # this CPU machine: the measurement itself needs a GPU
+    assert res.returncode == 1 and "needs a CUDA GPU" in res.stdout and not (tmp_path / "new.json").exists()
+
+
 def _ulysses_rate(rank, world):
     import torch
 

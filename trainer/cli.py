@@ -1,4 +1,5 @@
-"""Command-line front-end: `train.py --config x.yaml [key=value ...] [--dry-run | --plan | --preprocess]`.
+"""Command-line front-end: `train.py --config x.yaml [key=value ...] [--dry-run | --plan | --calibrate PATH |
+--preprocess]`.
 
 Bad configuration never reaches the user as a traceback: every ConfigError becomes one line
 `config error: <key>: <why>` on stderr and exit code 2, before any process group or allocation exists.
@@ -34,6 +35,8 @@ class CliFlags:
     """`key=value` overrides in command-line order."""
     dry_run: bool = False
     plan: bool = False
+    calibrate: str | None = None
+    """Where --calibrate writes this machine's measured rates (None: no calibration)."""
     preprocess: bool = False
 
 
@@ -82,6 +85,12 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         help="rank every dp x tp x pp x cp layout for WORLD_SIZE GPUs by predicted memory and speed; no GPUs",
     )
     parser.add_argument(
+        "--calibrate",
+        metavar="PATH",
+        help="measure this machine's rates for --plan into PATH (GPU; under torchrun also NCCL), then "
+        "plan with parallel.plan_calibration=PATH",
+    )
+    parser.add_argument(
         "--gpus-per-node",
         type=int,
         metavar="N",
@@ -105,6 +114,7 @@ def parse_cli(argv: list[str]) -> tuple[Config, CliFlags]:
         overrides=overrides,
         dry_run=args.dry_run,
         plan=args.plan,
+        calibrate=args.calibrate,
         preprocess=args.preprocess,
     )
     return load_config(path, flags.overrides), flags
@@ -179,6 +189,21 @@ def dry_run(cfg: Config, world_size: int, rank: int = 0) -> ParallelDims:
     return dims
 
 
+def calibrate_to(path: str) -> int:
+    """--calibrate: parallel.planner.calibrate into a new file (an existing one is never overwritten)."""
+    from parallel.planner.calibrate import main as calibrate_main
+
+    if os.path.exists(path):
+        raise ConfigError("--calibrate", f"{path} exists; remove it or choose another path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError("--calibrate", f"directory {parent} does not exist")
+    code = calibrate_main(["--out", path])
+    if code:
+        raise SystemExit(code)
+    return 0
+
+
 def cli_main(argv: list[str], run_fn: Callable[[Config, CliFlags], Any]) -> Any:
     """Parse argv, then dry-run or call `run_fn(cfg, flags)`; a ConfigError exits 2 with one stderr line.
 
@@ -196,6 +221,8 @@ def cli_main(argv: list[str], run_fn: Callable[[Config, CliFlags], Any]) -> Any:
             if rank == 0:
                 plan_main(cfg, _env_int("WORLD_SIZE", 1), load_hf_config(cfg))
             return 0
+        if flags.calibrate:
+            return calibrate_to(flags.calibrate)
     except ConfigError as exc:
         if rank == 0:
             sys.stderr.write(f"config error: {exc}\n")
