@@ -125,7 +125,7 @@ class ParallelConfig:
     device_memory_gib: float | None = None
     """Planner: GPU memory a layout must fit in (GiB); None = the calibration's (80 for H100)."""
     plan_calibration: str | None = None
-    """Planner: device-rate JSON (`python -m parallel.planner.calibrate --out f.json`); None = built-in H100 rates."""
+    """Planner: device-rate JSON (`train.py --calibrate f.json` on the GPUs); None = built-in H100 rates."""
 
 
 @dataclass
