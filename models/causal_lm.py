@@ -42,6 +42,7 @@ class CausalLMStage(nn.Module):
         self.is_first = first_layer == 0
         self.is_last = last_layer == n_layers
         self.loss_chunk = loss_chunk
+        self.compile_loss = False  # parallel.compile: the chunked loss through torch.compile too
         self.model = nn.Module()  # mirrors HF naming: model.embed_tokens / model.layers.<i> / model.norm
         self.model.embed_tokens = inner.embed_tokens if self.is_first else None
         self.model.layers = nn.ModuleDict({str(i): inner.layers[i] for i in range(first_layer, last_layer)})
@@ -120,7 +121,8 @@ class CausalLMStage(nn.Module):
             return h
         # Shape [1], not a scalar: the pipeline schedule concatenates stage outputs across micro-batches.
         return (
-            chunked_cross_entropy_sum(h, self.lm_head, labels, self.loss_chunk) * self.loss_scale
+            chunked_cross_entropy_sum(h, self.lm_head, labels, self.loss_chunk, self.compile_loss)
+            * self.loss_scale
         ).reshape(1)
 
 

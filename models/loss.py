@@ -7,6 +7,8 @@ peak extra memory is one chunk x vocab in fp32, whatever the sequence length.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -14,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
+def _chunk_math(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
     logits = F.linear(hidden, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits lose the loss
     return F.cross_entropy(
@@ -22,17 +24,34 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     )
 
 
+@functools.cache
+def _compiled_chunk_math():
+    # One fused pass over a chunk's logits (cast, log-softmax, pick) instead of several fp32 round trips.
+    return torch.compile(_chunk_math)
+
+
+def _chunk_loss(hidden, weight, bias, labels, compiled: bool = False):
+    return (_compiled_chunk_math() if compiled else _chunk_math)(hidden, weight, bias, labels)
+
+
 def chunked_cross_entropy_sum(
-    hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor, chunk_tokens: int = 4096
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Linear,
+    labels: torch.Tensor,
+    chunk_tokens: int = 4096,
+    compiled: bool = False,
 ) -> torch.Tensor:
-    """Sum of token cross-entropies over labels != -100. hidden [B, S, D], labels [B, S] (already shifted)."""
+    """Sum of token cross-entropies over labels != -100. hidden [B, S, D], labels [B, S] (already shifted).
+    `compiled` runs each chunk through torch.compile (parallel.compile)."""
     b, s, _ = hidden.shape
     step = max(1, chunk_tokens // max(b, 1))
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, s, step):
         h, y = hidden[:, i : i + step], labels[:, i : i + step]
         if s <= step:
-            total = total + _chunk_loss(h, lm_head.weight, lm_head.bias, y)
+            total = total + _chunk_loss(h, lm_head.weight, lm_head.bias, y, compiled)
         else:
-            total = total + checkpoint(_chunk_loss, h, lm_head.weight, lm_head.bias, y, use_reentrant=False)
+            total = total + checkpoint(
+                _chunk_loss, h, lm_head.weight, lm_head.bias, y, compiled, use_reentrant=False
+            )
     return total

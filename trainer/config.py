@@ -113,7 +113,7 @@ class ParallelConfig:
     mlp_chunks: int = 1
     """Tile each MLP over the sequence in this many chunks (recomputed in backward) to cut its activation peak."""
     compile: bool = False
-    """torch.compile each decoder layer."""
+    """torch.compile each decoder layer (the CP attention stays outside) and the chunked loss."""
     fsdp_cpu_offload: bool = False
     """FSDP2 CPU offload of parameters, gradients and optimizer state."""
     reshard_after_forward: bool = True
