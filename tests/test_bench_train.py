@@ -125,3 +125,16 @@ def test_planner_validation_reads_every_result_kind(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     table = [line for line in out.stdout.splitlines() if line.startswith("| 1b")]
     assert len(table) == 2 and "+0% ok" in table[0] and "(1st step)" in table[0]
+
+
+def test_packed_docs_bench_on_cpu(tmp_path):
+    """bench.packed_docs: short documents take far fewer kernel calls batched, with the same output."""
+    from bench.packed_docs import main
+
+    out = tmp_path / "packed.json"
+    main(["--device", "cpu", "--seqs", "1024", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+          "--min-len", "5", "--max-len", "40", "--iters", "1", "--out", str(out)])  # fmt: skip
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["documents"] >= 40 and row["per_document_calls"] >= row["documents"]
+    assert row["batched_calls"] <= row["per_document_calls"] // 4
+    assert row["max_out_diff"] < 1e-5

@@ -1,0 +1,128 @@
+"""Packed short documents: the attention of one sequence with batched causal-square calls vs one call per
+document (parallel/cp/batched.py), fwd+bwd, same process, same inputs.
+
+    python -m bench.packed_docs --seqs 8192 32768 --head-dim 64 128
+    python -m bench.packed_docs --device cpu --seqs 512 --heads 4 --kv-heads 2 --head-dim 16   # smoke run
+
+Documents of `--min-len`..`--max-len` tokens (uniform) fill the sequence; one GPU, no CP (the batching
+applies to each rank's own causal blocks, so one rank shows it). Reports milliseconds per fwd+bwd for both
+ways, the kernel calls per forward, and the largest output difference between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+
+import torch
+
+import parallel.cp.kernels as kernels
+import parallel.cp.ring as ring
+from bench.common import gpu_name, markdown_table, write_results
+from parallel.cp.api import cp_attn_func
+
+
+def _docs(seq: int, lo: int, hi: int, gen: torch.Generator) -> torch.Tensor:
+    lens = torch.randint(lo, hi + 1, (seq // lo + 1,), generator=gen)
+    lens = lens[lens.cumsum(0) <= seq]
+    lens = torch.cat([lens, torch.tensor([seq - int(lens.sum())])])
+    return torch.repeat_interleave(torch.arange(len(lens)), lens)[None]
+
+
+def _time_ms(fn, device: torch.device, iters: int) -> float:
+    fn()  # warm-up (and the cuDNN GQA probe)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def measure(seq, heads, kv_heads, head_dim, lo, hi, device, iters) -> dict:
+    gen = torch.Generator().manual_seed(seq + head_dim)
+    docs = _docs(seq, lo, hi, gen).to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.randn(1, seq, heads, head_dim, generator=gen).to(device, dtype).requires_grad_()
+    k, v = (
+        torch.randn(1, seq, kv_heads, head_dim, generator=gen).to(device, dtype).requires_grad_()
+        for _ in "kv"
+    )
+    grad = torch.randn_like(q)
+    calls = [0]
+    row = dict(seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim, documents=int(docs.max()) + 1)
+    outs = {}
+    saved = dict(ring.BATCHED_SQUARE_ROWS)
+    try:
+        for label, rows in (("batched", 4096), ("per_document", 0)):
+            ring.BATCHED_SQUARE_ROWS[device.type] = rows
+
+            def step():
+                out = cp_attn_func(q, k, v, causal=True, doc_ids=docs)
+                out.backward(grad)
+                return out
+
+            row[f"{label}_ms"] = _time_ms(step, device, iters)
+            calls[0] = 0
+            name = kernels.select_kernel("auto", device, dtype, head_dim).name
+            original = kernels.KERNELS[name]
+
+            def counted(*a, _f=original.forward, **kw):
+                calls[0] += 1
+                return _f(*a, **kw)
+
+            kernels.KERNELS[name] = kernels.Kernel(name, counted, original.backward, original.device)
+            try:
+                with torch.no_grad():
+                    outs[label] = cp_attn_func(q, k, v, causal=True, doc_ids=docs).float()
+            finally:
+                kernels.KERNELS[name] = original
+            row[f"{label}_calls"] = calls[0]
+    finally:
+        ring.BATCHED_SQUARE_ROWS.update(saved)
+    row["speedup"] = row["per_document_ms"] / row["batched_ms"]
+    row["max_out_diff"] = (outs["batched"] - outs["per_document"]).abs().max().item()
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--min-len", type=int, default=20)
+    ap.add_argument("--max-len", type=int, default=400)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    rows = [
+        measure(s, args.heads, args.kv_heads, d, args.min_len, args.max_len, device, args.iters)
+        for s in args.seqs
+        for d in args.head_dim
+    ]
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        gpu=gpu_name() if device.type == "cuda" else "cpu (smoke run)",
+        torch=torch.__version__,
+        args=vars(args),
+    )
+    write_results(args.out, rows, meta)
+    print(f"{meta['gpu']}, torch {meta['torch']}")
+    cols = ["seq", "head_dim", "documents", "batched_ms", "per_document_ms", "speedup", "batched_calls"]
+    print(markdown_table(rows, cols + ["per_document_calls", "max_out_diff"]))
+
+
+if __name__ == "__main__":
+    main()
