@@ -148,8 +148,8 @@ def main() -> None:
         (s, hkv, g) for s in args.seqs for hkv in args.kv_heads for g in args.gqa if hkv != h or g == "auto"
     ]
     for s, hkv, gqa in runs:
-        if gqa != "auto":
-            kernels.set_cudnn_gqa(torch.device("cuda", torch.cuda.current_device()), gqa == "native")
+        native = None if gqa == "auto" else gqa == "native"  # (auto: as probed)
+        kernels.set_cudnn_gqa(torch.device("cuda", torch.cuda.current_device()), native)
         base = None
         for impl in args.impls:
             variants = args.rotate if impl == "torch_cp" else [None]

@@ -4,8 +4,8 @@ document (parallel/cp/batched.py), fwd+bwd, same process, same inputs.
     python -m bench.packed_docs --seqs 8192 32768 --head-dim 64 128
     python -m bench.packed_docs --device cpu --seqs 512 --heads 4 --kv-heads 2 --head-dim 16   # smoke run
 
-Documents of `--min-len`..`--max-len` tokens (uniform) fill the sequence; one GPU, no CP (the batching
-applies to each rank's own causal blocks, so one rank shows it). Reports milliseconds per fwd+bwd for both
+Documents of `--min-len`..`--max-len` tokens (uniform) fill the sequence, packed anew every step; one GPU,
+no CP (the batching applies to each rank's own causal blocks, so one rank shows it). Reports milliseconds per fwd+bwd for both
 ways, the kernel calls per forward, and the largest output difference between them.
 """
 
@@ -26,31 +26,35 @@ from parallel.cp.api import cp_attn_func
 def _docs(seq: int, lo: int, hi: int, gen: torch.Generator) -> torch.Tensor:
     lens = torch.randint(lo, hi + 1, (seq // lo + 1,), generator=gen)
     lens = lens[lens.cumsum(0) <= seq]
-    lens = torch.cat([lens, torch.tensor([seq - int(lens.sum())])])
+    if int(lens.sum()) < seq:
+        lens = torch.cat([lens, torch.tensor([seq - int(lens.sum())])])
     return torch.repeat_interleave(torch.arange(len(lens)), lens)[None]
 
 
 def _time_ms(fn, device: torch.device, iters: int) -> float:
-    fn()  # warm-up (and the cuDNN GQA probe)
+    """Median of fn(i) for i = 1..iters after fn(0) (warm-up, and the cuDNN GQA probe)."""
+    fn(0)
     times = []
-    for _ in range(iters):
+    for i in range(1, iters + 1):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            fn(i)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            fn()
+            fn(i)
             times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
 def measure(seq, heads, kv_heads, head_dim, lo, hi, device, iters) -> dict:
     gen = torch.Generator().manual_seed(seq + head_dim)
-    docs = _docs(seq, lo, hi, gen).to(device)
+    # A new packing every step, as in training: kernel shapes (and any per-shape planning) are not all warm.
+    batches = [_docs(seq, lo, hi, gen).to(device) for _ in range(iters + 1)]
+    docs = batches[0]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q = torch.randn(1, seq, heads, head_dim, generator=gen).to(device, dtype).requires_grad_()
     k, v = (
@@ -66,10 +70,8 @@ def measure(seq, heads, kv_heads, head_dim, lo, hi, device, iters) -> dict:
         for label, rows in (("batched", 4096), ("per_document", 0)):
             ring.BATCHED_SQUARE_ROWS[device.type] = rows
 
-            def step():
-                out = cp_attn_func(q, k, v, causal=True, doc_ids=docs)
-                out.backward(grad)
-                return out
+            def step(i):
+                cp_attn_func(q, k, v, causal=True, doc_ids=batches[i]).backward(grad)
 
             row[f"{label}_ms"] = _time_ms(step, device, iters)
             calls[0] = 0

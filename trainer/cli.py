@@ -221,13 +221,13 @@ def cli_main(argv: list[str], run_fn: Callable[[Config, CliFlags], Any]) -> Any:
             if rank == 0:
                 plan_main(cfg, _env_int("WORLD_SIZE", 1), load_hf_config(cfg))
             return 0
-        if flags.calibrate:
-            return calibrate_to(flags.calibrate)
     except ConfigError as exc:
         if rank == 0:
             sys.stderr.write(f"config error: {exc}\n")
         raise SystemExit(2) from None
     try:
+        if flags.calibrate:  # (a path one node can't use fails there: every rank reports its own)
+            return calibrate_to(flags.calibrate)
         return run_fn(cfg, flags)
     except ConfigError as exc:
         sys.stderr.write(f"config error: {exc}\n")

@@ -214,9 +214,13 @@ def cudnn_native_gqa(device: torch.device) -> bool:
     return _NATIVE_GQA[index]
 
 
-def set_cudnn_gqa(device: torch.device, native: bool) -> None:
-    """Override that decision (benchmarks comparing the two ways; tests)."""
-    _NATIVE_GQA[device.index if device.index is not None else torch.cuda.current_device()] = native
+def set_cudnn_gqa(device: torch.device, native: bool | None) -> None:
+    """Override that decision (benchmarks comparing the two ways; tests); None probes again."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if native is None:
+        _NATIVE_GQA.pop(index, None)
+    else:
+        _NATIVE_GQA[index] = native
 
 
 def cudnn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:

@@ -135,30 +135,38 @@ def split_rows(blocks: list[Block], max_rows: int) -> list[Block]:
     return out
 
 
+MAX_SQUARES_PER_CALL = 1024  # keeps a batched call's batch dimension far below the kernels' grid limit
+
+
+def padded_shape(count: int, rows: int) -> tuple[int, int]:
+    """(entries, rows) of the batched call for `count` squares of at most `rows` rows: both rounded up to
+    powers of two, so a run meets a bounded set of kernel shapes (cuDNN builds and keeps a plan per shape)."""
+    return 1 << (count - 1).bit_length(), 1 << (rows - 1).bit_length()
+
+
 def group_squares(
     blocks: list[Block], max_rows: int, max_total: int
 ) -> tuple[list[list[Block]], list[Block]]:
-    """Small causal squares that can share one batched kernel call, and the other blocks. A group holds at
-    least two squares of at most `max_rows` rows, the longest at most twice the shortest (padding to the
-    longest costs at most 4x the group's own causal work, which at these lengths is launch overhead anyway),
-    and at most `max_total` padded rows."""
-    small = sorted((b for b in blocks if b.causal and b.q1 - b.q0 <= max_rows), key=lambda b: b.q1 - b.q0)
-    rest = [b for b in blocks if not (b.causal and b.q1 - b.q0 <= max_rows)]
-    groups: list[list[Block]] = []
-    i = 0
-    while i < len(small):
-        shortest = small[i].q1 - small[i].q0
-        j = i + 1
-        while j < len(small):
-            longest = small[j].q1 - small[j].q0
-            if longest > 2 * shortest or (j - i + 1) * longest > max_total:
-                break
-            j += 1
-        if j - i >= 2:
-            groups.append(small[i:j])
+    """Small causal squares that can share one batched kernel call, and the other blocks (in plan order,
+    then the small squares left alone). Squares of at most `max_rows` rows are grouped by their power-of-two
+    length class (L/2, L] - padding to L costs at most 4x a group's own causal work, which at these lengths is
+    launch overhead anyway - at least two and at most max_total // L per group (padded entries included)."""
+    classes: dict[int, list[Block]] = {}
+    rest: list[Block] = []
+    for b in blocks:
+        if b.causal and b.q1 - b.q0 <= max_rows:
+            classes.setdefault(padded_shape(1, b.q1 - b.q0)[1], []).append(b)
         else:
-            rest.append(small[i])
-        i = j
+            rest.append(b)
+    groups: list[list[Block]] = []
+    for rows, members in sorted(classes.items()):
+        cap = min(MAX_SQUARES_PER_CALL, 1 << (max(1, max_total // rows).bit_length() - 1))
+        for i in range(0, len(members), cap):
+            chunk = members[i : i + cap]
+            if len(chunk) >= 2:
+                groups.append(chunk)
+            else:
+                rest.extend(chunk)
     return groups, rest
 
 

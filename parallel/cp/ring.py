@@ -93,6 +93,9 @@ def _forward_blocks(
         for group in groups:
             forward_squares(q, k, v, group, kernel, scale, out, lse)
             written.extend((b.q0, b.q1) for b in group)
+        # Each run's own square first, then the blocks of earlier keys: every row is written whole by its
+        # square before any block merges into it (a merged block may span runs).
+        blocks = [b for b in blocks if b.causal] + [b for b in blocks if not b.causal]
     for b in blocks:
         o, lse_b = kernel.forward(
             q[:, :, b.q0 : b.q1], k[:, :, b.k0 : b.k1], v[:, :, b.k0 : b.k1], b.causal, scale

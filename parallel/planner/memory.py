@@ -33,7 +33,7 @@ the step's grad_accum*micro_batch sequences form m = pp_microbatches microbatche
                              + Rc * a_r/U * [3*b*d + 4*d + 4]      one backward kernel call: its copies of
                                                                    the O/dO rows, its dq, the kernel's fp32
                                                                    dQ workspace and row statistics; Rc =
-                                                                   min(U*Tm, BACKWARD_ROWS) query rows
+                                                                   min(U*Tm/seqs, BACKWARD_ROWS)*seqs rows
                              ring R>1: + Tm * [4*b*k_r*d + 8*k_r*d]  2 KV blocks + 1 dKV block in flight
                              Ulysses U>1: + Tm * 2*b*(a_r + 2*k_r)*d  all-to-all send/receive copies
     LM-head logits           chunk * V * (b + 12): one loss_chunk of logits plus 3 fp32 tensors
@@ -263,8 +263,9 @@ def attention_buffer_bytes(shape: ModelShape, layout: Layout, work: Workload) ->
         per_token += 2 * b * (a + 2 * k) * d
     # One backward kernel call at a time, on at most BACKWARD_ROWS query rows (of the whole sequence and
     # a/U heads after a Ulysses exchange): O/dO row copies, dq, and the kernel's fp32 dQ workspace + stats.
+    # A call covers one block for every sequence of the microbatch (they share the plan).
     u = layout.ulysses
-    rows = min(u * rv.mb_tokens, BACKWARD_ROWS)
+    rows = min(u * rv.mb_tokens // rv.mb_seqs, BACKWARD_ROWS) * rv.mb_seqs
     per_call = rows * (a // u) * (3 * b * d + 4 * d + 4)
     return per_token * rv.mb_tokens + per_call
 
