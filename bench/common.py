@@ -96,12 +96,21 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float
     return med.item()
 
 
-def max_over_ranks(x: float) -> float:
+def max_over_ranks(x: float | list[float]) -> float | list[float]:
+    """The max over ranks of a number, or element-wise of a list of numbers."""
     nccl = not dist.is_initialized() or dist.get_backend() == "nccl"  # gloo groups reduce CPU tensors
-    t = torch.tensor([x], device="cuda" if nccl and torch.cuda.is_available() else "cpu", dtype=torch.float64)
+    values = x if isinstance(x, list) else [x]
+    device = "cuda" if nccl and torch.cuda.is_available() else "cpu"
+    t = torch.tensor(values, device=device, dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return t.tolist() if isinstance(x, list) else t.item()
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a host clock then times it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def gpu_name() -> str:

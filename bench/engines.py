@@ -14,10 +14,9 @@ costs one row, not the table. Rows (the default is the first two):
 Layout for all: CP = all ranks (zigzag; ring unless --strategy ulysses), full activation checkpointing,
 fp32 master weights with bf16 compute, AdamW + clipping at 1.0. Both engines run the trainer's own step on
 the trainer's batch dicts (input_ids, labels, position_ids, doc_ids): the DeepSpeed row calls
-`DeepSpeedRunner.train_step`, the FSDP2 row mirrors the fsdp2 branch of `Trainer.train_step` (without the
-non-finite skip check). bench.train's build/step functions are CUDA-only, so the FSDP2 row does not call
-them (this script also runs on CPU as a smoke test); the model shapes, the base config (`make_config`)
-and the MFU convention are bench.train's.
+`DeepSpeedRunner.train_step`, the FSDP2 row is bench.train's (`Fsdp2Row`: trainer/step.py, as
+`Trainer.train_step` runs it). The model shapes and build, the base config (`make_config`) and the MFU
+convention are bench.train's too.
 
 Columns: step_s (median step, slowest rank), tok_s_gpu, mfu_pct (989 TF/s bf16), peak_gib
 (max_memory_allocated over warm-up + timed steps, max over ranks), init_peak_gib (building and sharding
@@ -39,7 +38,16 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import describe_error, free_memory, log0, markdown_table, random_batches, write_results
+from bench.common import (
+    describe_error,
+    free_memory,
+    log0,
+    markdown_table,
+    max_over_ranks,
+    random_batches,
+    sync,
+    write_results,
+)
 
 ENGINES: dict[str, dict[str, object]] = {
     "fsdp2_offload": {"parallel.engine": "fsdp2", "parallel.fsdp_cpu_offload": True},
@@ -59,22 +67,6 @@ ENGINES: dict[str, dict[str, object]] = {
     },
 }
 DEFAULT_ENGINES = ["fsdp2_offload", "ds_z3_offload"]
-# --tiny: a Llama small enough for CPU processes (the smoke test of this script on a machine without GPU).
-TINY = dict(
-    model_type="llama",
-    vocab_size=512,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    max_position_embeddings=1 << 20,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-    attention_dropout=0.0,
-    tie_word_embeddings=False,
-)
 COLUMNS = [
     "engine",
     "seq",
@@ -100,72 +92,23 @@ def engine_config(opts, engine: str, seq: int, world: int, device: torch.device)
         "training.device": device.type,
         "training.micro_batch_size": 1,
         "training.grad_accum": 1,
-        "data.doc_mask": False,  # one document per sequence: plain causal attention, as in bench.train
         "output_dir": opts.workdir,
         **ENGINES[engine],
     }
     if opts.ds_config and overrides["parallel.engine"] == "deepspeed":
         overrides["deepspeed.config"] = opts.ds_config  # merged with the derived values, as in training
-    if opts.tiny:
-        overrides["model.config"] = dict(TINY)
     if device.type == "cpu":
         overrides["model.dtype"] = "float32"  # the CPU attention path of the tests; bf16 is the GPU setting
     cfg = make_config(opts.model, seq, opts.strategy, cp=world, ac="full", overrides=overrides)
     return cfg
 
 
-# ---- the two engines ----------------------------------------------------------------------------------
-def build_stage(cfg, mesh, dims, device: torch.device):
-    """The trainer's model: HF model in fp32 -> CausalLMStage -> CP, checkpointing (+ FSDP for fsdp2)."""
-    from models.causal_lm import CausalLMStage
-    from models.parallelize import parallelize_llama
-    from models.registry import build_hf_model
-    from trainer.ds_engine import parallelize_for_deepspeed
-
-    # Random init straight on the device: same as the trainer's CPU build + .to(device), but an 8B
-    # init on the CPU takes minutes.
-    with torch.device(device):
-        hf = build_hf_model(None, cfg.model.config, dtype=torch.float32, seed=cfg.training.seed)
-    stage = CausalLMStage(hf, loss_chunk=cfg.training.loss_chunk)
-    del hf
-    stage.doc_mask = cfg.data.doc_mask
-    if cfg.parallel.engine == "deepspeed":
-        parallelize_for_deepspeed(stage, mesh, dims, cfg)  # everything but the sharding: ZeRO does that
-    else:
-        parallelize_llama(stage, mesh, dims, cfg)
-    stage.train()
-    return stage
-
-
-class Fsdp2Row:
-    """FSDP2 (optionally CPU-offloaded): the trainer's own step (trainer/step.py), no pipeline."""
-
-    def __init__(self, cfg, mesh, dims, device: torch.device) -> None:
-        from trainer.optim import build_optimizer
-        from trainer.step import StepGroups
-
-        self.cfg, self.device = cfg, device
-        self.stage = build_stage(cfg, mesh, dims, device)
-        self.params = [p for p in self.stage.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg.optim)
-        self.groups = StepGroups.from_mesh(mesh)
-
-    def step(self, batches: list[dict[str, torch.Tensor]], step: int) -> float:
-        from trainer.step import fsdp2_step
-
-        loss, _, _ = fsdp2_step(
-            self.stage, self.params, self.optimizer, batches, self.groups, self.cfg, self.device, step, 0
-        )
-        return loss
-
-    def close(self) -> None:
-        self.optimizer = self.params = self.stage = None
-
-
+# ---- the two engines (the FSDP2 row and the model build are bench.train's) -----------------------------
 class DeepSpeedRow:
     """DeepSpeed ZeRO: the trainer's DeepSpeedRunner, built as Trainer.__init__ builds it."""
 
     def __init__(self, cfg, mesh, dims, device: torch.device) -> None:
+        from bench.train import build_stage
         from trainer.checkpoint import Checkpointer
         from trainer.ds_engine import DeepSpeedRunner
 
@@ -185,18 +128,6 @@ class DeepSpeedRow:
 
 
 # ---- measuring ----------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise max over ranks (the tensor lives where the backend can reduce it: GPU for NCCL)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
 def gib_allocated(device: torch.device, peak: bool = False) -> float | None:
     if device.type != "cuda":
         return None
@@ -227,6 +158,8 @@ def measure(engine: str, cfg, mesh, dims, device: torch.device, warmup: int, ste
     """Build one engine, run warm-up + timed steps, tear it down; the row's numbers (max over ranks)."""
     world = dist.get_world_size()
     seq = cfg.training.seq_len
+    from bench.train import Fsdp2Row
+
     cls = DeepSpeedRow if cfg.parallel.engine == "deepspeed" else Fsdp2Row
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -252,12 +185,12 @@ def measure(engine: str, cfg, mesh, dims, device: torch.device, warmup: int, ste
         if row is not None:
             row.close()
         del row
-    times = max_over_ranks(times, device)  # each step at its slowest rank
+    times = max_over_ranks(times)  # each step at its slowest rank
     timed = sorted(times[warmup:]) or sorted(times)
     step_s = timed[len(timed) // 2]
     if device.type == "cuda":
-        peak, init_peak, resident = max_over_ranks([peak, init_peak, resident], device)
-    build_s, rss = max_over_ranks([build_s, rss], device)
+        peak, init_peak, resident = max_over_ranks([peak, init_peak, resident])
+    build_s, rss = max_over_ranks([build_s, rss])
     tok_s_gpu = seq / world / step_s
     return dict(
         engine=engine,
@@ -284,7 +217,7 @@ def run_row(opts, engine: str, seq: int, mesh, dims, device: torch.device) -> di
     except Exception as exc:  # noqa: BLE001 - an OOM or any failure: keep the rest of the table
         row = dict(engine=engine, seq=seq, error=describe_error(exc))
     free_memory(device)  # after the except block: the traceback no longer holds the row's tensors
-    row["model"] = "tiny" if opts.tiny else opts.model
+    row["model"] = opts.model
     return row
 
 
@@ -330,7 +263,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options of a run (bench.max_context builds its deepspeed probes' options here too)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="8b", help="a bench.train MODELS key")
-    ap.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide Llama (CPU smoke test)")
+    ap.add_argument(
+        "--tiny", action="store_true", help="--model tiny: a 2-layer, 64-wide Llama (CPU smoke test)"
+    )
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--strategy", default="ring", choices=["ring", "ulysses"], help="CP over all ranks")
     ap.add_argument("--seqs", type=int, nargs="+", default=[65536, 131072])
@@ -349,6 +284,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workdir", default=None, help="output_dir for the rows (nothing is saved there)")
     ap.add_argument("--out", default=None)
     opts = ap.parse_args(argv)
+    if opts.tiny:
+        opts.model = "tiny"
     opts.workdir = opts.workdir or os.path.join(tempfile.gettempdir(), "longctx-bench-engines")
     return opts
 

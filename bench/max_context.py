@@ -9,8 +9,7 @@
 --engine fsdp2 (default) probes bench.train's FSDP2 step (--offload: parallel.fsdp_cpu_offload; --ac, --set
 KEY=VALUE config overrides such as the memory switches, --layers for a shallower model of the same shape);
 --engine deepspeed probes bench.engines' ds_z3_offload row (ZeRO-3, parameters and optimizer on the CPU,
-torch AdamW; --offload is implied). --device cpu runs the probes on gloo (smoke tests: --model tiny for
-fsdp2, --tiny for deepspeed).
+torch AdamW; --offload is implied). --device cpu runs the probes on gloo (smoke tests: --model tiny).
 
 Each probe is a fresh `torchrun` (an OOM on one rank would otherwise leave the other stuck in a
 collective); a probe that fails or outlives --probe-timeout counts as too long. Binary search over
@@ -107,28 +106,28 @@ def probe_child(args) -> None:
             row["model"] = os.path.basename(args.config)
     except torch.OutOfMemoryError as e:
         row = dict(ok=False, seq=args.probe, error=describe_error(e, limit=160))
-    if rank == 0:
-        if device.type == "cuda":
-            row["gpu_total_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
-        print(RESULT + json.dumps(row), flush=True)
-    torch.distributed.destroy_process_group()
+    report(row, device)
 
 
 def probe_child_deepspeed(args) -> None:
     """One step of bench.engines' ds_z3_offload row at --probe tokens (its errors, OOM included, come
     back in the row)."""
-    import torch
-
     from bench import engines
 
     opts = engines.parse_args(
         ["--model", args.model, "--device", args.device, "--strategy", args.strategy]
         + ["--seqs", str(args.probe), "--engines", DEEPSPEED_ROW, "--warmup", "0", "--steps", "1"]
-        + (["--tiny"] if args.tiny else [])
     )
     device, mesh, dims = engines.setup(opts)
     row = engines.run_row(opts, DEEPSPEED_ROW, args.probe, mesh, dims, device)
     row["ok"] = "error" not in row
+    report(row, device)
+
+
+def report(row: dict, device) -> None:
+    """A probe's last act: rank 0 prints its row (with the card's memory) for the parent to read."""
+    import torch
+
     if torch.distributed.get_rank() == 0:
         if device.type == "cuda":
             row["gpu_total_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
@@ -163,8 +162,6 @@ def run_probe(args, seq: int) -> dict:
         cmd += ["--config", args.config]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
-    if args.tiny:
-        cmd.append("--tiny")
     # Own session, so a timed-out probe's ranks die with it instead of holding GPU memory for the next one.
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -213,7 +210,6 @@ def main() -> None:
     ap.add_argument(
         "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: gloo smoke runs (tiny models)"
     )
-    ap.add_argument("--tiny", action="store_true", help="a tiny Llama (--engine deepspeed only; smoke test)")
     ap.add_argument("--lo", type=int, default=65536)
     ap.add_argument("--hi", type=int, default=1 << 20)
     ap.add_argument("--granularity", type=int, default=32768)
@@ -224,8 +220,6 @@ def main() -> None:
     ap.add_argument("--probe", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.engine == "fsdp2" and args.tiny:
-        ap.error("--tiny is the deepspeed probe's model; with --engine fsdp2 use --model tiny")
     if args.probe is not None:
         return probe_child(args)
     if args.config:  # the layout is the config's: one process per CP rank

@@ -34,6 +34,7 @@ from bench.common import (
     markdown_table,
     max_over_ranks,
     random_batches,
+    sync,
     write_results,
 )
 from bench.meter import StepMeter
@@ -70,7 +71,7 @@ MODELS = {
         intermediate_size=8192,
         tie_word_embeddings=True,
     ),
-    "tiny": dict(  # CPU smoke runs of the bench itself (tests/test_bench_train.py)
+    "tiny": dict(  # CPU smoke runs of the benches themselves (tests/test_bench_train.py, test_bench_engines.py)
         _LLAMA,
         vocab_size=512,
         hidden_size=64,
@@ -109,6 +110,7 @@ def make_config(
             "fsdp_cpu_offload": offload,
         },
         "training": {"seq_len": seq},
+        "data": {"doc_mask": False},  # one document per sequence: plain causal attention
     }
     return build_config(raw, overrides)
 
@@ -122,39 +124,67 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return label.strip(), {k.strip(): yaml.safe_load(v) for k, v in pairs}
 
 
-def build_longctx(cfg, world: int, device: torch.device):
-    """The trainer's model and step on random tokens: FSDP2 + CP via parallelize_llama, trainer/step.py."""
+def build_stage(cfg, mesh, dims, device: torch.device):
+    """The trainer's model: HF model in fp32 -> CausalLMStage -> CP, checkpointing (+ FSDP for fsdp2; for
+    deepspeed everything but the sharding, which ZeRO does)."""
     from models.causal_lm import CausalLMStage
     from models.parallelize import parallelize_llama
     from models.registry import build_hf_model
+    from trainer.ds_engine import parallelize_for_deepspeed
+
+    # Random init straight on the device: same as the trainer's CPU build + .to(device), but an 8B
+    # init on the CPU takes minutes.
+    with torch.device(device):
+        hf = build_hf_model(None, cfg.model.config, dtype=torch.float32, seed=cfg.training.seed)
+    stage = CausalLMStage(hf, loss_chunk=cfg.training.loss_chunk)
+    del hf
+    stage.doc_mask = cfg.data.doc_mask
+    if cfg.parallel.engine == "deepspeed":
+        parallelize_for_deepspeed(stage, mesh, dims, cfg)
+    else:
+        parallelize_llama(stage, mesh, dims, cfg)
+    stage.train()
+    return stage
+
+
+class Fsdp2Row:
+    """FSDP2 (optionally CPU-offloaded): the trainer's own step (trainer/step.py), no pipeline."""
+
+    def __init__(self, cfg, mesh, dims, device: torch.device) -> None:
+        from trainer.optim import build_optimizer
+        from trainer.step import StepGroups
+
+        self.cfg, self.device = cfg, device
+        self.stage = build_stage(cfg, mesh, dims, device)
+        self.params = [p for p in self.stage.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.groups = StepGroups.from_mesh(mesh)
+
+    def step(self, batches: list[dict[str, torch.Tensor]], step: int) -> float:
+        from trainer.step import fsdp2_step
+
+        loss, _, _ = fsdp2_step(
+            self.stage, self.params, self.optimizer, batches, self.groups, self.cfg, self.device, step, 0
+        )
+        return loss
+
+    def close(self) -> None:
+        self.optimizer = self.params = self.stage = None
+
+
+def longctx_step_fn(cfg, world: int, device: torch.device):
+    """One training step of the FSDP2 row on random tokens, the same on every rank of the CP group."""
     from parallel.dims import ParallelDims
 
     dims = ParallelDims.from_config(cfg.parallel, world)
-    mesh = dims.build_mesh(device.type)
-    with device:  # random init straight on the GPU (fast); FSDP then shards it
-        hf = build_hf_model(None, cfg.model.config, dtype=torch.float32)
-    stage = CausalLMStage(hf, loss_chunk=cfg.training.loss_chunk)
-    stage.doc_mask = False  # one document per sequence: plain causal attention
-    parallelize_llama(stage, mesh, dims, cfg)
-    stage.train()
-    return stage, mesh, dims, device
-
-
-def longctx_step_fn(stage, mesh, dims, device, cfg):
-    from trainer.optim import build_optimizer
-    from trainer.step import StepGroups, fsdp2_step
-
-    params = [p for p in stage.parameters() if p.requires_grad]
-    opt = build_optimizer(params, cfg.optim)
-    groups = StepGroups.from_mesh(mesh)
+    row = Fsdp2Row(cfg, dims.build_mesh(device.type), dims, device)
     counter = itertools.count()
 
     def step():
         i = next(counter)
-        batches = random_batches(cfg, i)  # the same tokens on every rank of the CP group
-        fsdp2_step(stage, params, opt, batches, groups, cfg, device, i, 0)
+        row.step(random_batches(cfg, i), i)
 
-    step.optimizer = opt  # for StepMeter
+    step.optimizer = row.optimizer  # for StepMeter
     return step
 
 
@@ -215,22 +245,17 @@ def peer_step_fn(cfg, world: int):
     return step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_steps(step, warmup: int, steps: int, device: torch.device) -> float:
     """Median seconds per step (host clock after a device sync; steps are seconds long)."""
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(steps):
         dist.barrier()
         t0 = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return max_over_ranks(sorted(times)[len(times) // 2])
 
@@ -264,7 +289,7 @@ def measure(
     if impl == "peer":
         step = peer_step_fn(cfg, world)
     else:
-        step = longctx_step_fn(*build_longctx(cfg, world, device), cfg)
+        step = longctx_step_fn(cfg, world, device)
     import models.loss
 
     meter = StepMeter(device)
