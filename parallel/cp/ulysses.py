@@ -39,33 +39,26 @@ def _a2a_seq_to_heads(x: Tensor, group: dist.ProcessGroup) -> Tensor:
 
 
 class _SeqGatherQKV(torch.autograd.Function):
-    """q, k and v in one all-to-all (one message per peer instead of three)."""
+    """q, k and v in one all-to-all (one message per peer instead of three): the heads each destination
+    rank gets from q, k and v are stacked, so one exchange of the stack is three exchanges in one."""
 
     @staticmethod
     def forward(ctx, q, k, v, group):
         u = dist.get_world_size(group)
-        b, hq, s, d = q.shape
-        hk = k.shape[1]
-        ctx.group, ctx.split = group, (hq // u, hk // u, hk // u)
+        b, _, s, d = q.shape
+        ctx.group, ctx.split = group, tuple(x.shape[1] // u for x in (q, k, v))
         # Per destination rank j: its q heads, then its k heads, then its v heads.
-        send = torch.cat([x.reshape(b, u, x.shape[1] // u, s, d) for x in (q, k, v)], dim=2)
-        send = send.transpose(0, 1).contiguous()  # [U, B, (hq + 2 hk) / U, S, D]
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=group)
-        both = recv.permute(1, 2, 0, 3, 4).reshape(b, sum(ctx.split), u * s, d)
+        stacked = torch.cat([x.reshape(b, u, x.shape[1] // u, s, d) for x in (q, k, v)], dim=2)
+        both = _a2a_heads_to_seq(stacked.reshape(b, u * sum(ctx.split), s, d), group)
         return tuple(x.contiguous() for x in both.split(ctx.split, dim=1))
 
     @staticmethod
     def backward(ctx, gq, gk, gv):
         u = dist.get_world_size(ctx.group)
-        both = torch.cat([gq, gk, gv], dim=1)
-        b, hc, us, d = both.shape
-        s = us // u
-        send = both.reshape(b, hc, u, s, d).permute(2, 0, 1, 3, 4).contiguous()  # [U, B, Hc, S, D]
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=ctx.group)
-        grads = [x.transpose(0, 1).reshape(b, u * x.shape[2], s, d) for x in recv.split(ctx.split, dim=2)]
-        return grads[0], grads[1], grads[2], None
+        full = _a2a_seq_to_heads(torch.cat([gq, gk, gv], dim=1), ctx.group)  # [B, U * Hc, S, D]
+        b, _, s, d = full.shape
+        parts = full.reshape(b, u, sum(ctx.split), s, d).split(ctx.split, dim=2)
+        return (*(x.reshape(b, -1, s, d) for x in parts), None)
 
 
 class _HeadGather(torch.autograd.Function):
