@@ -38,6 +38,11 @@ def family_of(hf_config: PretrainedConfig) -> ModelFamily:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+def head_dim_of(hf_config: PretrainedConfig) -> int:
+    """Per-head width: the config's `head_dim` where it sets one, else hidden_size / heads."""
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
 def load_hf_config(path: str | None, inline: dict | None) -> PretrainedConfig:
     """The HF config from a hub id / local dir, or from inline fields (`model_type` selects the class)."""
     if inline is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from models.registry import head_dim_of
 from parallel.dims import ParallelDims
 from parallel.planner import plan_main, resolve_auto, wants_auto
 from trainer.config import Config, ConfigError, config_to_dict, load_config
@@ -148,7 +149,7 @@ def load_hf_config(cfg: Config) -> Any:
 def _summary(cfg: Config, dims: ParallelDims, hf: Any, notes: list[str]) -> str:
     t, p = cfg.training, cfg.parallel
     heads, kv = hf.num_attention_heads, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    head_dim = head_dim_of(hf)
     tokens = t.seq_len * t.micro_batch_size * t.grad_accum * dims.dp
     lines = [
         "resolved config:",

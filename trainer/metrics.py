@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from models.registry import head_dim_of
+
 logger = logging.getLogger(__name__)
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, FLOP/s. Matched on the CUDA device name, most specific first.
@@ -41,7 +43,7 @@ def flops_per_token(hf_config: Any, seq_len: int) -> float:
     d = hf_config.hidden_size
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(hf_config, "head_dim", None) or d // heads
+    head_dim = head_dim_of(hf_config)
     layers = hf_config.num_hidden_layers
     d_attn = heads * head_dim
     attn_weights = d * d_attn + 2 * d * kv_heads * head_dim + d_attn * d  # q, k, v, o

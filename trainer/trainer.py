@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from models.causal_lm import CausalLMStage, split_layers
-from models.registry import DTYPES, build_hf_model, check_supported, family_of, load_hf_config
+from models.registry import DTYPES, build_hf_model, check_supported, family_of, head_dim_of, load_hf_config
 from parallel.cp.kernels import select_kernel
 from parallel.dims import ParallelDims, sub_mesh, sub_rank_and_size
 from parallel.planner import resolve_auto
@@ -88,11 +88,10 @@ class Trainer:
             key, _, why = str(exc).partition(": ")
             raise ConfigError(key, why) from None
         self.family = family_of(self.hf_config)
-        head_dim = getattr(self.hf_config, "head_dim", None) or (
-            self.hf_config.hidden_size // self.hf_config.num_attention_heads
-        )
         try:  # a forced kernel that cannot run here fails now, not in the first forward
-            select_kernel(cfg.model.attn_kernel, self.device, DTYPES[cfg.model.dtype], head_dim)
+            select_kernel(
+                cfg.model.attn_kernel, self.device, DTYPES[cfg.model.dtype], head_dim_of(self.hf_config)
+            )
         except ValueError as exc:
             raise ConfigError("model.attn_kernel", str(exc)) from None
         if self.dims.pp > 1 and getattr(self.hf_config, "tie_word_embeddings", False):

@@ -51,6 +51,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from models.registry import head_dim_of
 from parallel.cp.ring import BACKWARD_ROWS
 from parallel.planner.enumerate import Layout
 
@@ -76,7 +77,7 @@ class ModelShape:
             hidden=hf.hidden_size,
             heads=heads,
             kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
-            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+            head_dim=head_dim_of(hf),
             intermediate=hf.intermediate_size,
             vocab=hf.vocab_size,
             tied=bool(getattr(hf, "tie_word_embeddings", False)),
