@@ -245,6 +245,14 @@ def test_readme_demo_command(tmp_path):
     assert (out / "checkpoints" / "step_00000008" / "COMPLETE.json").is_file()
 
 
+def _train_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python train.py --config configs/demo.yaml ARGS...` as a user types it; output captured."""
+    cmd = [sys.executable, "train.py", "--config", "configs/demo.yaml", *args]
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
 @pytest.mark.parametrize(
     "override, expect",
     [
@@ -253,80 +261,29 @@ def test_readme_demo_command(tmp_path):
     ],
 )
 def test_bad_paths_fail_with_one_line(tmp_path, override, expect):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "--config",
-            "configs/demo.yaml",
-            "parallel.dp=1",
-            "parallel.cp=1",
-            f"output_dir={tmp_path}/out",
-            override,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _train_cli("parallel.dp=1", "parallel.cp=1", f"output_dir={tmp_path}/out", override)
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
     assert proc.returncode == 1 and len(errors) == 1 and errors[0].startswith(expect), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
 
 def test_bad_config_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "train.py", "--config", "configs/demo.yaml", "training.setps=3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _train_cli("training.setps=3", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "config error: training.setps: unknown key (did you mean training.steps?)"
     ]
-    proc = subprocess.run(
-        [sys.executable, "train.py", "--config", "configs/demo.yaml", "parallel.cp=3", "--dry-run"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "WORLD_SIZE": "4"},
-    )
+    proc = _train_cli("parallel.cp=3", "--dry-run", timeout=120, env={"WORLD_SIZE": "4"})
     assert proc.returncode == 2 and proc.stderr.startswith("config error: ")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "--config",
-            "configs/demo.yaml",
-            "parallel.dp=1",
-            "parallel.cp=1",
-            "model.attn_kernel=cudnn",
-            f"output_dir={tmp_path}/k",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _train_cli("parallel.dp=1", "parallel.cp=1", "model.attn_kernel=cudnn", f"output_dir={tmp_path}/k")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         "config error: model.attn_kernel: attention kernel 'cudnn' runs on cuda, not cpu"
     )
 
 
 def test_preprocess_flag_builds_the_cache(tmp_path):
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--config",
-        "configs/demo.yaml",
-        f"data.cache_dir={tmp_path}/cache",
-        "--preprocess",
-    ]
-    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    first = _train_cli(f"data.cache_dir={tmp_path}/cache", "--preprocess")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "data cache (built)" in first.stdout and "docs=3000" in first.stdout
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = _train_cli(f"data.cache_dir={tmp_path}/cache", "--preprocess")
     assert again.returncode == 0 and "data cache (reused)" in again.stdout
