@@ -7,6 +7,7 @@ import json
 import os
 import statistics
 import subprocess
+import time
 import traceback
 from collections.abc import Callable
 
@@ -76,24 +77,31 @@ def barrier() -> None:
         dist.barrier()
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
-    """Median milliseconds of `fn` over `iters` runs (CUDA events), slowest rank's median when distributed."""
+def time_ms(
+    fn: Callable[[], object], warmup: int = 3, iters: int = 10, device: torch.device | None = None
+) -> float:
+    """Median milliseconds of `fn` over `iters` runs after `warmup` (CUDA events; the host clock on a CPU
+    `device`), the slowest rank's median when distributed."""
+    gpu = device is None or device.type == "cuda"
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if gpu:
+        torch.cuda.synchronize()
     barrier()
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    med = torch.tensor([statistics.median(times)], device="cuda")
-    if dist.is_initialized():
-        dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    return med.item()
+        if gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return max_over_ranks(statistics.median(times))
 
 
 def max_over_ranks(x: float | list[float]) -> float | list[float]:

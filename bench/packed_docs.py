@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import time
 
 import torch
 
 import parallel.cp.kernels as kernels
 import parallel.cp.ring as ring
-from bench.common import gpu_name, markdown_table, write_results
+from bench.common import gpu_name, markdown_table, time_ms, write_results
 from parallel.cp.api import cp_attn_func
 
 
@@ -29,25 +28,6 @@ def _docs(seq: int, lo: int, hi: int, gen: torch.Generator) -> torch.Tensor:
     if int(lens.sum()) < seq:
         lens = torch.cat([lens, torch.tensor([seq - int(lens.sum())])])
     return torch.repeat_interleave(torch.arange(len(lens)), lens)[None]
-
-
-def _time_ms(fn, device: torch.device, iters: int) -> float:
-    """Median of fn(i) for i = 1..iters after fn(0) (warm-up, and the cuDNN GQA probe)."""
-    fn(0)
-    times = []
-    for i in range(1, iters + 1):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(i)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn(i)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def measure(seq, heads, kv_heads, head_dim, lo, hi, device, iters) -> dict:
@@ -70,10 +50,12 @@ def measure(seq, heads, kv_heads, head_dim, lo, hi, device, iters) -> dict:
         for label, rows in (("batched", 4096), ("per_document", 0)):
             ring.BATCHED_SQUARE_ROWS[device.type] = rows
 
-            def step(i):
-                cp_attn_func(q, k, v, causal=True, doc_ids=batches[i]).backward(grad)
+            packings = iter(batches)  # the first one warms up (and runs the cuDNN GQA probe)
 
-            row[f"{label}_ms"] = _time_ms(step, device, iters)
+            def step(packings=packings):
+                cp_attn_func(q, k, v, causal=True, doc_ids=next(packings)).backward(grad)
+
+            row[f"{label}_ms"] = time_ms(step, warmup=1, iters=iters, device=device)
             calls[0] = 0
             name = kernels.select_kernel("auto", device, dtype, head_dim).name
             original = kernels.KERNELS[name]
