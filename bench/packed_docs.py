@@ -16,9 +16,9 @@ import datetime
 
 import torch
 
-import parallel.cp.kernels as kernels
 import parallel.cp.ring as ring
 from bench.common import gpu_name, markdown_table, time_ms, write_results
+from bench.meter import StepMeter
 from parallel.cp.api import cp_attn_func
 
 
@@ -42,7 +42,6 @@ def measure(seq, heads, kv_heads, head_dim, lo, hi, device, iters) -> dict:
         for _ in "kv"
     )
     grad = torch.randn_like(q)
-    calls = [0]
     row = dict(seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim, documents=int(docs.max()) + 1)
     outs = {}
     saved = dict(ring.BATCHED_SQUARE_ROWS)
@@ -56,21 +55,14 @@ def measure(seq, heads, kv_heads, head_dim, lo, hi, device, iters) -> dict:
                 cp_attn_func(q, k, v, causal=True, doc_ids=next(packings)).backward(grad)
 
             row[f"{label}_ms"] = time_ms(step, warmup=1, iters=iters, device=device)
-            calls[0] = 0
-            name = kernels.select_kernel("auto", device, dtype, head_dim).name
-            original = kernels.KERNELS[name]
-
-            def counted(*a, _f=original.forward, **kw):
-                calls[0] += 1
-                return _f(*a, **kw)
-
-            kernels.KERNELS[name] = kernels.Kernel(name, counted, original.backward, original.device)
+            meter = StepMeter(device)  # counts the attention kernels' forward calls
+            meter.patch_kernels()
             try:
                 with torch.no_grad():
                     outs[label] = cp_attn_func(q, k, v, causal=True, doc_ids=docs).float()
             finally:
-                kernels.KERNELS[name] = original
-            row[f"{label}_calls"] = calls[0]
+                meter.restore()
+            row[f"{label}_calls"] = meter.calls["attn_fwd"]
     finally:
         ring.BATCHED_SQUARE_ROWS.update(saved)
     row["speedup"] = row["per_document_ms"] / row["batched_ms"]
