@@ -64,16 +64,20 @@ def _real_rows(y: Tensor, batch: int, flat: Tensor) -> Tensor:
     return y.flatten(2, 3).index_select(2, flat)
 
 
-def forward_squares(q, k, v, group: list[Block], kernel: Kernel, scale: float, out: Tensor, lse: Tensor):
+def forward_squares(
+    q, k, v, group: tuple[Block, ...], kernel: Kernel, scale: float, out: Tensor, lse: Tensor
+):
     """Step 0: the group's rows get their own block's output and LSE (their first block)."""
-    r = _rows(tuple(group), q.device)
+    r = _rows(group, q.device)
     o, lse_b = kernel.forward(_gather(q, r.q_idx), _gather(k, r.k_idx), _gather(v, r.k_idx), True, scale)
     out[:, :, r.q_rows] = _real_rows(o, q.shape[0], r.flat).to(out.dtype)
     lse[:, :, r.q_rows] = _real_rows(lse_b, q.shape[0], r.flat)
 
 
-def backward_squares(dout, q, k, v, out, lse, group: list[Block], kernel: Kernel, scale: float, dq, dk, dv):
-    r = _rows(tuple(group), q.device)
+def backward_squares(
+    dout, q, k, v, out, lse, group: tuple[Block, ...], kernel: Kernel, scale: float, dq, dk, dv
+):
+    r = _rows(group, q.device)
     batch, entries = q.shape[0], r.valid.shape[0]
     d_out = _gather(dout, r.q_idx)
     d_out.view(batch, entries, *d_out.shape[1:]).masked_fill_(~r.valid[None, :, None, :, None], 0)

@@ -18,6 +18,8 @@ With R == 1 (no ring) this is simply the local kernel on the block plan, with th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -81,40 +83,56 @@ def merge_block(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor) -> None:
     lse.sub_(torch.nn.functional.logsigmoid(lse - lse_b))
 
 
+@functools.lru_cache(maxsize=256)
+def _schedule(blocks: tuple[Block, ...], small: int, cap: int, fresh: bool, backward: bool):
+    """How one step's plan runs: (batched groups of small causal squares, [(block, copy), ...] for the single
+    calls, `copy` meaning the block is its rows' first). The same plan recurs in every layer's forward,
+    recompute and backward of a batch, so it is worked out once (`small`: BATCHED_SQUARE_ROWS of the
+    device; `cap`: BACKWARD_ROWS).
+
+    Forward at step 0 (`fresh`): every query sees at least itself, so each run's own square comes first,
+    then the blocks of earlier keys - every row is written whole by its square before any block (which may
+    span runs) merges into it, and the merge never meets -inf. Backward cuts blocks into `cap` rows."""
+    if backward:
+        groups, rest = group_squares(split_rows(list(blocks), cap), small, cap)
+        return tuple(map(tuple, groups)), [(b, False) for b in rest]
+    if not fresh:  # (causal squares only occur at step 0: other ranks' keys are disjoint from our queries)
+        return (), [(b, False) for b in blocks]
+    groups, rest = group_squares(list(blocks), small, cap)
+    written = [(b.q0, b.q1) for g in groups for b in g]
+    singles = []
+    for b in [b for b in rest if b.causal] + [b for b in rest if not b.causal]:
+        singles.append((b, not any(lo < b.q1 and b.q0 < hi for lo, hi in written)))
+        written.append((b.q0, b.q1))
+    return tuple(map(tuple, groups)), singles
+
+
 def _forward_blocks(
     q, k, v, blocks: list[Block], kernel: Kernel, scale: float, out: Tensor, lse: Tensor, fresh: bool
 ) -> None:
-    """Attend and merge each block. With `fresh` (step 0) a row range's first block is copied: every query
-    sees at least itself at step 0, so every row is finite before any merge, and a block's rows always
-    see at least one key - the merge never meets -inf."""
-    written: list[tuple[int, int]] = []
-    if fresh:  # (causal squares only occur at step 0: other ranks' keys are disjoint from our queries)
-        groups, blocks = group_squares(blocks, BATCHED_SQUARE_ROWS.get(q.device.type, 0), BACKWARD_ROWS)
-        for group in groups:
-            forward_squares(q, k, v, group, kernel, scale, out, lse)
-            written.extend((b.q0, b.q1) for b in group)
-        # Each run's own square first, then the blocks of earlier keys: every row is written whole by its
-        # square before any block merges into it (a merged block may span runs).
-        blocks = [b for b in blocks if b.causal] + [b for b in blocks if not b.causal]
-    for b in blocks:
+    """Attend and merge each block (`fresh`: step 0, the first block of a row range is copied)."""
+    small = BATCHED_SQUARE_ROWS.get(q.device.type, 0)
+    groups, singles = _schedule(tuple(blocks), small, BACKWARD_ROWS, fresh, False)
+    for group in groups:
+        forward_squares(q, k, v, group, kernel, scale, out, lse)
+    for b, first in singles:
         o, lse_b = kernel.forward(
             q[:, :, b.q0 : b.q1], k[:, :, b.k0 : b.k1], v[:, :, b.k0 : b.k1], b.causal, scale
         )
         rows = slice(b.q0, b.q1)
-        if fresh and not any(lo < b.q1 and b.q0 < hi for lo, hi in written):
+        if first:
             out[:, :, rows].copy_(o)
             lse[:, :, rows].copy_(lse_b)
         else:
             merge_block(out[:, :, rows], lse[:, :, rows], o, lse_b)
-        written.append((b.q0, b.q1))
 
 
 def _backward_blocks(dout, q, k, v, out, lse, blocks, kernel, scale, dq, dk, dv) -> None:
     small = BATCHED_SQUARE_ROWS.get(q.device.type, 0)
-    groups, blocks = group_squares(split_rows(blocks, BACKWARD_ROWS), small, BACKWARD_ROWS)
+    groups, singles = _schedule(tuple(blocks), small, BACKWARD_ROWS, False, True)
     for group in groups:
         backward_squares(dout, q, k, v, out, lse, group, kernel, scale, dq, dk, dv)
-    for b in blocks:
+    for b, _ in singles:
         qs, ks = slice(b.q0, b.q1), slice(b.k0, b.k1)
         gq, gk, gv = kernel.backward(
             dout[:, :, qs],
