@@ -83,11 +83,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    rows = [
-        measure(s, args.heads, args.kv_heads, d, args.min_len, args.max_len, device, args.iters)
-        for s in args.seqs
-        for d in args.head_dim
-    ]
+    rows = []
+    for s in args.seqs:
+        for d in args.head_dim:
+            rows.append(
+                measure(s, args.heads, args.kv_heads, d, args.min_len, args.max_len, device, args.iters)
+            )
+            print(
+                rows[-1], flush=True
+            )  # per-document calls plan a kernel per new length: slow rows show as they end
     meta = dict(
         date=datetime.date.today().isoformat(),
         gpu=gpu_name() if device.type == "cuda" else "cpu (smoke run)",

@@ -27,7 +27,7 @@ def _chunk_math(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 @functools.cache
 def _compiled_chunk_math():
     # One fused pass over a chunk's logits (cast, log-softmax, pick) instead of several fp32 round trips.
-    return torch.compile(_chunk_math)
+    return torch.compile(_chunk_math, dynamic=False)  # a chunk has one of two lengths (full or the tail)
 
 
 def _chunk_loss(hidden, weight, bias, labels, compiled: bool = False):

@@ -49,8 +49,10 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
     stage.offload_activations = pcfg.activation_offload
     tile_mlps(stage, pcfg.mlp_chunks)
     if pcfg.compile:
+        # Static shapes: a run trains one sequence length, and torch 2.11 raised an AssertionError when a second
+        # length switched the layers to dynamic shapes (bench.train, 1B ring at 64k then 128k in one process).
         for layer in layers:
-            layer.compile()
+            layer.compile(dynamic=False)
         stage.compile_loss = True
     if getattr(pcfg, "engine", "fsdp2") != "fsdp2":
         return stage  # another engine (DeepSpeed ZeRO) shards the stage itself
