@@ -26,10 +26,16 @@ def measured_rows(results_dir: str) -> list[dict]:
     rows: dict[tuple, dict] = {}
     paths = [p for p in glob.glob(os.path.join(results_dir, "train_*.json")) if "before_fix" not in p]
     for path in sorted(paths, key=os.path.getmtime):
+        if first_step_only(path):
+            continue  # one step without warm-up: for --memory-only
         data = json.load(open(path))
         world = data["meta"].get("world", 2)
         for r in data["rows"]:
-            if r.get("impl") in ("ring", "ulysses") and not r.get("error"):
+            if (
+                r.get("impl") in ("ring", "ulysses")
+                and not r.get("error")
+                and r.get("variant", "base") == "base"
+            ):
                 key = (r["model"], r["impl"], r["seq"], r.get("ac", "full"), world)
                 rows[key] = {**r, "ac": key[3], "world": world}
     return list(rows.values())
@@ -61,6 +67,8 @@ def variant_rows(path: str) -> list[tuple[dict, dict]]:
     layers = args.get("layers")
     out = []
     for r in data["rows"]:
+        if r["impl"] == "peer":
+            continue  # the planner models longctx's layouts, not the peer's
         label = r["variant"].removesuffix(f"-L{layers}") if layers else r["variant"]
         overrides = dict(variants[label])
         if layers:
