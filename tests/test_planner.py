@@ -146,8 +146,13 @@ def test_memory_arithmetic_exact():
     assert memory_breakdown(SMALL, Layout(1, 1, 1, 2, 1, "zigzag"), long).attention == (
         per_token * 2 * BACKWARD_ROWS + BACKWARD_ROWS * 4 * 164
     )
-    # a chunk's backward: bf16 logits, fp32 logits, fp32 log-softmax, fp32 gradient
+    # a checkpointed chunk's backward: fp32 log-softmax, the two fp32 gradients, the recomputed bf16 logits
     assert mem.logits == 16 * 100 * (2 + 12)
+    # the whole local sequence (32 tokens) in one chunk runs without checkpoint: no recomputed bf16 logits
+    one_chunk = memory_breakdown(
+        SMALL, Layout(1, 1, 1, 2, 1, "zigzag"), dataclasses.replace(work, loss_chunk=32)
+    )
+    assert one_chunk.logits == 32 * 100 * 12
     # the MLP backward's gradients: 3*2*128 per token
     assert (mem.saved_activations, mem.mlp_working, mem.mlp_grads, mem.gathered_root) == (
         2 * 1688 * 32,
