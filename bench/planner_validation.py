@@ -45,7 +45,7 @@ def first_step_only(path: str) -> bool:
     """Whether a file measured one step without warm-up (max_context probes always do): its peaks precede
     AdamW's moments."""
     data = json.load(open(path))
-    return "probes" in data or data["meta"]["args"].get("warmup", 1) == 0
+    return "probes" in data or data["meta"].get("args", {}).get("warmup", 1) == 0  # session 1 files: no args
 
 
 def variant_rows(path: str) -> list[tuple[dict, dict]]:

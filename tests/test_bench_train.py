@@ -97,8 +97,15 @@ def test_planner_validation_reads_every_result_kind(tmp_path):
     one = dict(model="1b", impl="ring", seq=16384, ac="full")
     p1 = predict(one, world=1)
     one.update(step_s=p1.time.total, peak_gib=p1.memory.allocated / gib)
-    (tmp_path / "train_a.json").write_text(json.dumps({"meta": {"world": 2, "args": {}}, "rows": rows2}))
+    # not timed layouts: the peer, a variant (other config than the layout's), a first-step file
+    others = [dict(model="1b", impl="peer", seq=32768, ac="full", step_s=1.0, peak_gib=9.0),
+              dict(model="1b", impl="ring", seq=8192, ac="full", variant="compile", step_s=1.0, peak_gib=9.0)]  # fmt: skip
+    first_only = dict(model="1b", impl="ring", seq=4096, ac="full", variant="base", step_s=1.0, peak_gib=9.0)
+    (tmp_path / "train_a.json").write_text(
+        json.dumps({"meta": {"world": 2}, "rows": rows2 + others})
+    )  # no args
     (tmp_path / "train_b.json").write_text(json.dumps({"meta": {"world": 1, "args": {}}, "rows": [one]}))
+    (tmp_path / "train_c.json").write_text(json.dumps({"meta": {"world": 2, "args": {"warmup": 0}}, "rows": [first_only]}))  # fmt: skip
     out = subprocess.run(
         [sys.executable, "-m", "bench.planner_validation", "--results", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -110,6 +117,7 @@ def test_planner_validation_reads_every_result_kind(tmp_path):
     assert "+10% ok" in lines["1b ring 32k ac=full_keep_attn"].split(" | ")[3]
     assert lines["1b ulysses 32k ac=full"].count("-40% off") == 2
     assert lines["1b ring 16k ac=full 1 GPU"].count("+0% ok") == 2
+    assert len(lines) == 3, out.stdout  # peer, variant and first-step rows left out
 
     # max_context probes: a first step (no AdamW moments yet); an OOM probe has no measurement
     probe = dict(model="1b", impl="ring", seq=65536, ac="full")
@@ -118,13 +126,20 @@ def test_planner_validation_reads_every_result_kind(tmp_path):
     mc = dict(model="1b", strategy="ring", ac="full", offload=False, overrides={}, cp=2,
               probes=[dict(seq=65536, ok=True, peak_gib=first_step_gib), dict(seq=131072, ok=False)])  # fmt: skip
     (tmp_path / "mc.json").write_text(json.dumps(mc))
+    # a first-step bench.train file with the peer beside a variant: only the variant is compared
+    variant = dict(model="1b", impl="ring", seq=65536, ac="full", variant="tiled", peak_gib=first_step_gib)
+    peer = dict(model="1b", impl="peer", seq=65536, ac="full", variant="peer", peak_gib=60.0)
+    meta = {"world": 2, "args": {"warmup": 0, "variant": ["tiled:parallel.mlp_chunks=1"]}}
+    (tmp_path / "first.json").write_text(json.dumps({"meta": meta, "rows": [peer, variant]}))
     out = subprocess.run(
-        [sys.executable, "-m", "bench.planner_validation", "--memory-only", str(tmp_path / "mc.json")],
+        [sys.executable, "-m", "bench.planner_validation", "--memory-only", str(tmp_path / "mc.json"),
+         str(tmp_path / "first.json")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     table = [line for line in out.stdout.splitlines() if line.startswith("| 1b")]
-    assert len(table) == 2 and "+0% ok" in table[0] and "(1st step)" in table[0]
+    assert len(table) == 3 and "+0% ok" in table[0] and "(1st step)" in table[0]
+    assert "1b ring 64k tiled (1st step)" in table[2] and "+0% ok" in table[2]
 
 
 def test_packed_docs_bench_on_cpu(tmp_path):
