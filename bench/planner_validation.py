@@ -77,6 +77,70 @@ def variant_rows(path: str) -> list[tuple[dict, dict]]:
     return out
 
 
+def attention_rows(path: str) -> list[dict]:
+    """longctx rows of a bench/attention.py result file (single-GPU kernel, ring, Ulysses; torch's own CP is
+    the peer, not a layout): impl, total tokens S, heads, kv_heads, head_dim, world, fwd+bwd ms."""
+    data = json.load(open(path))
+    meta = data["meta"]
+    out = []
+    for r in data["rows"]:
+        impl = r["impl"].split("/")[0].split()[0]  # "single/cudnn gqa=native" -> "single"
+        if impl in ("single", "ring", "ulysses") and r.get("fwdbwd_ms"):
+            gqa = r["impl"].split("gqa=")[1] if "gqa=" in r["impl"] else None
+            head_dim = r.get("head_dim") or meta["args"]["head_dim"]
+            out.append(dict(impl=impl, gqa=gqa, S=r["S"], heads=r["heads"], kv_heads=r["kv_heads"],
+                            head_dim=head_dim, world=meta["world"], meas_ms=r["fwdbwd_ms"]))  # fmt: skip
+    return out
+
+
+def predict_attention(row: dict) -> float:
+    """The cost model's fwd+bwd seconds of one attention layer as bench/attention.py runs it: its attention
+    and CP-communication terms for a one-layer model without checkpointing; the single row is one rank's
+    causal block (S / world tokens) on one GPU."""
+    from parallel.planner.calibration import load_rates
+    from parallel.planner.cost import step_time
+    from parallel.planner.enumerate import Layout
+    from parallel.planner.memory import ModelShape, Workload
+
+    d, world = row["head_dim"], row["world"]
+    shape = ModelShape(layers=1, hidden=row["heads"] * d, heads=row["heads"], kv_heads=row["kv_heads"],
+                       head_dim=d, intermediate=row["heads"] * d, vocab=2)  # fmt: skip
+    if row["impl"] == "single":
+        layout, seq = Layout(1, 1, 1, 1, 1, None), row["S"] // world
+    else:
+        layout, seq = Layout(1, 1, 1, world, world if row["impl"] == "ulysses" else 1, "zigzag"), row["S"]
+    t = step_time(shape, layout, Workload(seq_len=seq), load_rates(None))
+    return t.attention + t.cp_comm
+
+
+def attention_table(paths: list[str], tol: float = 0.20) -> str:
+    """Predicted vs measured attention fwd+bwd, and per shape whether the measured order is predicted."""
+    lines = ["| layout | pred ms | meas ms | error |", "|---|---|---|---|"]
+    groups: dict[tuple, list] = {}
+    for path in paths:
+        for r in attention_rows(path):
+            pred = 1000 * predict_attention(r)
+            err = (pred - r["meas_ms"]) / r["meas_ms"]
+            gqa = f" gqa={r['gqa']}" if r["gqa"] else ""
+            label = (
+                f"{r['impl']}{gqa} S={r['S'] // 1024}k heads {r['heads']}/{r['kv_heads']} d={r['head_dim']}"
+            )
+            lines.append(
+                f"| {label} | {pred:.1f} | {r['meas_ms']:.1f} | {err:+.0%} {'ok' if abs(err) <= tol else 'off'} |"
+            )
+            if r["impl"] != "single":  # the single row is another workload (one block), not a rival layout
+                key = (path, r["S"], r["kv_heads"], r["head_dim"], r["gqa"])
+                groups.setdefault(key, []).append((r["impl"], pred, r["meas_ms"]))
+    order = []
+    for (path, seq, kv_heads, _, _), items in groups.items():
+        if len({i for i, _, _ in items}) > 1:
+            by_pred = [i for i, _, _ in sorted(items, key=lambda x: x[1])]
+            by_meas = [i for i, _, _ in sorted(items, key=lambda x: x[2])]
+            same = "same" if by_pred == by_meas else f"predicted {by_pred}"
+            order.append(f"{path} S={seq // 1024}k kv_heads={kv_heads}: measured order {by_meas} - {same}")
+    return "\n".join(lines) + "\n\n" + "\n".join(order) + "\n"
+
+
 def predict(row: dict, world: int = 2, overrides: dict | None = None):
     from transformers import AutoConfig
 
@@ -99,7 +163,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default="bench/results/2026-11-25")
     ap.add_argument("--memory-only", nargs="+", default=None, metavar="FILE")
+    ap.add_argument("--attention", nargs="+", default=None, metavar="FILE", help="bench/attention.py results")
     args = ap.parse_args()
+    if args.attention:
+        print(attention_table(args.attention))
+        return
     if args.memory_only:
         table = []
         for path in args.memory_only:
