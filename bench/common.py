@@ -21,8 +21,9 @@ def local_device(device_type: str = "cuda") -> torch.device:
 
 
 def free_memory(device: torch.device) -> None:
-    """Return what a finished row held: Python garbage, the CUDA cache and the pinned host-memory cache
-    (FSDP2's offloaded parameters are pinned; the next row's offload would otherwise come on top), and compiled graphs."""
+    """Return what a finished row held: Python garbage, compiled graphs, the CUDA cache and the pinned
+    host-memory cache (FSDP2's offloaded parameters are pinned; the next row's offload would otherwise come
+    on top)."""
     gc.collect()
     torch._dynamo.reset()  # a row's compiled graphs (parallel.compile) are its own, as in a fresh run
     if device.type == "cuda":

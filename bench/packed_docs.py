@@ -89,9 +89,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(
                 measure(s, args.heads, args.kv_heads, d, args.min_len, args.max_len, device, args.iters)
             )
-            print(
-                rows[-1], flush=True
-            )  # per-document calls plan a kernel per new length: slow rows show as they end
+            # Per-document calls plan a kernel for every new length: a slow row shows as soon as it ends.
+            print(rows[-1], flush=True)
     meta = dict(
         date=datetime.date.today().isoformat(),
         gpu=gpu_name() if device.type == "cuda" else "cpu (smoke run)",
