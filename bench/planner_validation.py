@@ -164,6 +164,13 @@ def main() -> None:
     ap.add_argument("--results", default="bench/results/2026-11-25")
     ap.add_argument("--memory-only", nargs="+", default=None, metavar="FILE")
     ap.add_argument("--attention", nargs="+", default=None, metavar="FILE", help="bench/attention.py results")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="timed bench/train.py rows with --variant overrides",
+    )
     args = ap.parse_args()
     if args.attention:
         print(attention_table(args.attention))
@@ -186,13 +193,38 @@ def main() -> None:
                 )
         print(compare_with_measurements(table))
         return
-    table, pairs = [], []
+    if args.variants:  # one table per file: its rows ran in one process, on one card
+        for path in args.variants:
+            meta = json.load(open(path))["meta"]
+            world = meta.get("world", 2)
+            timed = []
+            for row, overrides in variant_rows(path):
+                if row.get("step_s"):
+                    label = (
+                        f"{row['model']} {row['impl']} {row['seq'] // 1024}k ac={row['ac']} {row['variant']}"
+                    )
+                    timed.append((row, world, overrides, label))
+            print(f"{path} ({meta.get('gpu', '?')} x{world})")
+            print_timed(timed)
+        return
+    timed = []
     for row in sorted(
         measured_rows(args.results), key=lambda r: (r["world"], r["model"], r["seq"], r["impl"], r["ac"])
     ):
-        p = predict(row, world=row["world"])
         gpus = "" if row["world"] == 2 else f" {row['world']} GPU{'s' if row['world'] > 1 else ''}"
         label = f"{row['model']} {row['impl']} {row['seq'] // 1024}k ac={row['ac']}{gpus}"
+        timed.append((row, row["world"], None, label))
+    print_timed(timed)
+
+
+def print_timed(timed: list[tuple[dict, int, dict | None, str]]) -> None:
+    """Predicted vs measured memory and step time of timed rows, then per (model, seq) whether the measured
+    order of the layouts is the predicted one."""
+    from parallel.planner.report import compare_with_measurements
+
+    table, pairs = [], []
+    for row, world, overrides, label in timed:
+        p = predict(row, world=world, overrides=overrides)
         table.append(
             dict(
                 layout=label,
@@ -204,7 +236,6 @@ def main() -> None:
         )
         pairs.append((label, p.time.total, row["step_s"]))
     print(compare_with_measurements(table))
-    # Ranking: within each (model, seq), is the faster measured layout also predicted faster?
     groups: dict[str, list] = {}
     for label, pred, meas in pairs:
         groups.setdefault(" ".join(label.split()[:1] + label.split()[2:3]), []).append((label, pred, meas))

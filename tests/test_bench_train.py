@@ -183,3 +183,40 @@ def test_planner_validation_attention_rows(tmp_path):
     assert len(table) == 3, out.stdout  # no torch_cp row
     assert table[0].endswith("+10% ok |") and table[1].endswith("-30% off |")
     assert "measured order ['ulysses', 'ring'] - predicted ['ring', 'ulysses']" in out.stdout
+
+
+def test_planner_validation_variant_rows(tmp_path):
+    """bench.planner_validation --variants: timed rows with their --variant overrides (here parallel.compile),
+    one table per file with its card, the peer left out, the measured order checked."""
+    from bench.planner_validation import predict
+
+    gib = 2**30
+    row = dict(model="1b", impl="ring", seq=65536, ac="full_keep_attn")
+    eager, fused = predict(row), predict(row, overrides={"parallel.compile": True})
+    assert fused.time.total < eager.time.total and fused.memory.allocated < eager.memory.allocated
+    rows = [
+        dict(row, variant="peer", impl="peer", ac="full", step_s=9.0, peak_gib=60.0),
+        dict(row, variant="base", step_s=eager.time.total, peak_gib=eager.memory.allocated / gib),
+        dict(row, variant="compile", step_s=fused.time.total * 2, peak_gib=fused.memory.allocated / gib),
+    ]
+    meta = {
+        "world": 2,
+        "gpu": "H100 test",
+        "args": {"warmup": 2, "variant": ["base:", "compile:parallel.compile=true"]},
+    }
+    (tmp_path / "compile.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.planner_validation", "--variants", str(tmp_path / "compile.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(H100 test x2)" in out.stdout
+    table = [line for line in out.stdout.splitlines() if line.startswith("| 1b")]
+    assert len(table) == 2 and "base | " in table[0] and table[0].count("+0% ok") == 2
+    assert (
+        "+0% ok" in table[1].split(" | ")[3] and "-50% off" in table[1]
+    )  # measured twice the predicted time
+    assert (
+        "measured order ['1b ring 64k ac=full_keep_attn base', '1b ring 64k ac=full_keep_attn compile']"
+        in out.stdout
+    )

@@ -418,3 +418,29 @@ def test_memory_switches_in_the_model():
     }
     a_r, k_r, d = shape.heads, shape.kv_heads, shape.head_dim
     assert attn["float32"] - attn["input"] == tokens * 2 * (a_r * d + 2 * k_r * d + 2 * k_r * d)
+
+
+def test_compile_in_the_model():
+    """parallel.compile: the fused SiLU x up saves one [tokens, intermediate] tensor less per layer, the fused
+    loss chunk holds one fp32 tensor instead of three, and the layers' and loss' memory-bound work shrinks to
+    COMPILED_ELEMENTWISE of it (the optimizer's does not); the config key reaches the planner."""
+    from parallel.planner.cost import COMPILED_ELEMENTWISE
+
+    shape = ModelShape.from_hf(hf_of(config(LLAMA_8B, 8192)))
+    lay = Layout(1, 1, 1, 2, 1, "zigzag")
+    eager = Workload(seq_len=65536, activation_checkpointing="none")
+    fused = dataclasses.replace(eager, compiled=True)
+    m0, m1 = memory_breakdown(shape, lay, eager), memory_breakdown(shape, lay, fused)
+    tokens, inter = 65536 // 2, shape.intermediate
+    # every layer's saved activations (none checkpointed) plus the working layer lose 2 bytes x I per token
+    assert m0.activations - m1.activations == (shape.layers + 1) * 2 * inter * tokens
+    assert (m0.mlp_working - m1.mlp_working, m0.mlp_grads - m1.mlp_grads) == (2 * inter * tokens,) * 2
+    assert (m0.logits, m1.logits) == (4096 * shape.vocab * (2 + 12), 4096 * shape.vocab * (2 + 4))
+    t0, t1 = step_time(shape, lay, eager, RATES), step_time(shape, lay, fused, RATES)
+    adamw = (
+        28 * (shape.layers * shape.layer_params() + shape.root_params(1)) / 2 / (RATES.elementwise_gbps * 1e9)
+    )
+    assert t1.memory_bound - adamw == pytest.approx(COMPILED_ELEMENTWISE * (t0.memory_bound - adamw))
+    assert (t1.matmul, t1.attention) == (t0.matmul, t0.attention)
+    cfg = Config(model=ModelConfig(config=LLAMA_8B), parallel=ParallelConfig(compile=True))
+    assert Workload.from_config(cfg).compiled

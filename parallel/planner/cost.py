@@ -33,6 +33,10 @@ from parallel.planner.enumerate import Layout
 from parallel.planner.memory import ModelShape, Workload, rank_view
 
 SMALL_BLOCK_TOKENS = 512  # assumed half-efficiency block length of the attention kernels
+# parallel.compile fuses the norms, SiLU x up, RoPE and the loss chunk's softmax: the share of the memory-bound
+# term (layers and loss) that remains. Fitted on 2x H100, 1B/64k (0.236 s saved of 0.495 s predicted); 3B/128k
+# then predicts within 1% (docs/BENCHMARKS.md, session 4).
+COMPILED_ELEMENTWISE = 0.52
 
 PARTS = ("matmul", "attention", "recompute", "memory_bound", "cp_comm", "tp_comm", "fsdp_comm", "pp_bubble")
 
@@ -162,7 +166,10 @@ def step_time(
     hbm = rates.elementwise_gbps * 1e9
     per_token = 60 * h + 12 * shape.intermediate / layout.tp + 16 * (rv.heads + rv.kv_heads) * d
     shard = (ls * shape.layer_params(layout.tp) + shape.root_params(layout.pp)) / (layout.dp * layout.cp)
-    memory_bound = (rv.tokens * (ls * per_token * (3 + ac) + 40 * shape.vocab) + 28 * shard / rv.steps) / hbm
+    fused = COMPILED_ELEMENTWISE if work.compiled else 1.0  # the optimizer step is not compiled
+    memory_bound = (
+        rv.tokens * (ls * per_token * (3 + ac) + 40 * shape.vocab) * fused + 28 * shard / rv.steps
+    ) / hbm
 
     busy = mm_layers + mm_head + attention + recompute + memory_bound + cp_comm + tp_comm + fsdp
     bubble = busy * (layout.pp - 1) / m

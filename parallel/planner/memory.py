@@ -123,6 +123,8 @@ class Workload:
     activation_offload: bool = False
     mlp_chunks: int = 1
     cp_accum: str = "float32"
+    compiled: bool = False
+    """parallel.compile: torch.compile fuses each layer's elementwise work and the loss chunk."""
 
     @classmethod
     def from_config(cls, cfg: Any) -> Workload:
@@ -144,6 +146,7 @@ class Workload:
             activation_offload=p.activation_offload,
             mlp_chunks=p.mlp_chunks,
             cp_accum=p.cp_accum,
+            compiled=bool(getattr(p, "compile", False)),
         )
 
 
@@ -214,9 +217,15 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout, work: Workload, to
         b * (rv.heads + 2 * rv.kv_heads) * d
         + out_copies * b * rv.heads * d
         + 4 * rv.heads
-        + 4 * b * math.ceil(shape.intermediate / layout.tp) // work.mlp_chunks
+        + mlp_tensors(work) * b * math.ceil(shape.intermediate / layout.tp) // work.mlp_chunks
     )
     return replicated + per_token * tokens
+
+
+def mlp_tensors(work: Workload) -> int:
+    """[tokens, intermediate] tensors an MLP saves: gate, SiLU(gate), up and their product - compiled, the
+    fused SiLU x up keeps no SiLU output."""
+    return 3 if work.compiled else 4
 
 
 def saved_activation_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
@@ -279,8 +288,10 @@ def logits_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
     # passes on (12 bytes), plus - measured, when the chunk is a checkpoint recomputed in backward - the logits
     # in the compute dtype. One chunk for the whole local sequence runs without checkpoint: 12 bytes (1B, 64k
     # tokens in one chunk on 2x H100: 52.2 GiB measured, 52.2 predicted; b + 12 said 60.1).
+    # Compiled, the fused log-softmax and pick keep row statistics only: the backward holds one fp32 gradient.
     checkpointed = work.seq_len // layout.cp > per_row
-    return seqs * per_row * shape.vocab * (12 + (work.compute_bytes if checkpointed else 0))
+    fp32_tensors = 1 if work.compiled else 3
+    return seqs * per_row * shape.vocab * (4 * fp32_tensors + (work.compute_bytes if checkpointed else 0))
 
 
 @dataclass(frozen=True)
@@ -363,7 +374,15 @@ def memory_breakdown(
         overhead=overhead_bytes,
         saved_activations=saved_activation_bytes(shape, layout, work),
         gathered_root=gathered_root,
-        mlp_working=4 * b * math.ceil(shape.intermediate / layout.tp) // work.mlp_chunks * rv.mb_tokens,
-        mlp_grads=3 * b * math.ceil(shape.intermediate / layout.tp) // work.mlp_chunks * rv.mb_tokens,
+        mlp_working=mlp_tensors(work)
+        * b
+        * math.ceil(shape.intermediate / layout.tp)
+        // work.mlp_chunks
+        * rv.mb_tokens,
+        mlp_grads=(mlp_tensors(work) - 1)
+        * b
+        * math.ceil(shape.intermediate / layout.tp)
+        // work.mlp_chunks
+        * rv.mb_tokens,
         grads_resident=work.grad_accum > 1 or layout.pp > 1,
     )
