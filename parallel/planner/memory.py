@@ -20,7 +20,8 @@ the step's grad_accum*micro_batch sequences form m = pp_microbatches microbatche
           + n_o*b*a_r*d + 4*a_r                 attention output: n_o = 1 for the pure ring (written where
                                                 o_proj reads it), 2 otherwise (kernel copy + o_proj input);
                                                 fp32 LSE
-          + 4*b*ceil(I/t)                       gate, up, SiLU(gate), SiLU(gate)*up
+          + 4*b*ceil(I/t)                       gate, up, SiLU(gate), SiLU(gate)*up (compiled: 3*b*ceil(I/t),
+                                                the fused SiLU x up keeps no SiLU output)
     activations              none: Ls*A*Tf;  full: Ls*b*h*Tf (ac_group g: ceil(Ls/g)*b*h*Tf, + (g-1)*b*h*Tm
                              rebuilt in backward); selective: half the layers each; activation_offload:
                              the saved part is on the host (0 here); mlp_chunks c: the MLP term / c
@@ -36,8 +37,9 @@ the step's grad_accum*micro_batch sequences form m = pp_microbatches microbatche
                                                                    min(U*Tm/seqs, BACKWARD_ROWS)*seqs rows
                              ring R>1: + Tm * [4*b*k_r*d + 8*k_r*d]  2 KV blocks + 1 dKV block in flight
                              Ulysses U>1: + Tm * 2*b*(a_r + 2*k_r)*d  all-to-all send/receive copies
-    LM-head logits           chunk * V * (b + 12): one loss_chunk of logits plus 3 fp32 tensors (12 if unchunked)
-    MLP backward             3*b*ceil(I/t)/mlp_chunks * Tm: gradients of SiLU(gate)*up, up and gate
+    LM-head logits           chunk * V * (b + 12): one loss_chunk of logits plus 3 fp32 tensors (12 if unchunked;
+                             compiled: one fp32 tensor, b + 4)
+    MLP backward             3*b*ceil(I/t)/mlp_chunks * Tm: gradients of SiLU(gate)*up, up and gate (compiled: 2*b)
     peak = params + AdamW + max(layer phase, loss phase) + overhead, where the layer phase holds the
            gathered layers, one layer's working set, the larger of its MLP backward gradients and its
            attention buffers beyond the freed MLP part, and
