@@ -262,5 +262,6 @@ def _switches(work) -> str:
         f"mlp_chunks {work.mlp_chunks}" if work.mlp_chunks > 1 else "",
         "fsdp_cpu_offload" if work.fsdp_cpu_offload else "",
         "cp_accum input" if work.cp_accum == "input" else "",
+        "compiled" if work.compiled else "",
     ]
     return "".join(f", {x}" for x in on if x)
