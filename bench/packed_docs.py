@@ -6,7 +6,9 @@ document (parallel/cp/batched.py), fwd+bwd, same process, same inputs.
 
 Documents of `--min-len`..`--max-len` tokens (uniform) fill the sequence, packed anew every step; one GPU,
 no CP (the batching applies to each rank's own causal blocks, so one rank shows it). Reports milliseconds per fwd+bwd for both
-ways, the kernel calls per forward, and the largest output difference between them.
+ways, the kernel calls per forward, and the largest output difference between them; `*_warm_ms` repeat one
+packing, so every call shape has been seen (the difference to `*_ms` is what new shapes cost, e.g. cuDNN's
+per-shape graph builds).
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ def measure(seq, heads, kv_heads, head_dim, lo, hi, device, iters) -> dict:
                 cp_attn_func(q, k, v, causal=True, doc_ids=next(packings)).backward(grad)
 
             row[f"{label}_ms"] = time_ms(step, warmup=1, iters=iters, device=device)
+
+            def same_packing():  # every call shape seen before: kernel time without per-shape planning
+                cp_attn_func(q, k, v, causal=True, doc_ids=docs).backward(grad)
+
+            row[f"{label}_warm_ms"] = time_ms(same_packing, warmup=1, iters=iters, device=device)
             meter = StepMeter(device)  # counts the attention kernels' forward calls
             meter.patch_kernels()
             try:
@@ -100,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     write_results(args.out, rows, meta)
     print(f"{meta['gpu']}, torch {meta['torch']}")
     cols = ["seq", "head_dim", "documents", "batched_ms", "per_document_ms", "speedup", "batched_calls"]
+    cols += ["batched_warm_ms", "per_document_warm_ms"]
     print(markdown_table(rows, cols + ["per_document_calls", "max_out_diff"]))
 
 

@@ -153,6 +153,7 @@ def test_packed_docs_bench_on_cpu(tmp_path):
     assert row["documents"] >= 40 and row["per_document_calls"] >= row["documents"]
     assert row["batched_calls"] <= row["per_document_calls"] // 4
     assert row["max_out_diff"] < 1e-5
+    assert row["batched_warm_ms"] > 0 and row["per_document_warm_ms"] > 0  # one packing repeated
 
 
 def test_planner_validation_attention_rows(tmp_path):
