@@ -131,14 +131,19 @@ def attention_table(paths: list[str], tol: float = 0.20) -> str:
             if r["impl"] != "single":  # the single row is another workload (one block), not a rival layout
                 key = (path, r["S"], r["kv_heads"], r["head_dim"], r["gqa"])
                 groups.setdefault(key, []).append((r["impl"], pred, r["meas_ms"]))
-    order = []
-    for (path, seq, kv_heads, _, _), items in groups.items():
-        if len({i for i, _, _ in items}) > 1:
-            by_pred = [i for i, _, _ in sorted(items, key=lambda x: x[1])]
-            by_meas = [i for i, _, _ in sorted(items, key=lambda x: x[2])]
-            same = "same" if by_pred == by_meas else f"predicted {by_pred}"
-            order.append(f"{path} S={seq // 1024}k kv_heads={kv_heads}: measured order {by_meas} - {same}")
+    order = [
+        measured_order(f"{path} S={seq // 1024}k kv_heads={kv_heads}", items)
+        for (path, seq, kv_heads, _, _), items in groups.items()
+        if len(items) > 1
+    ]
     return "\n".join(lines) + "\n\n" + "\n".join(order) + "\n"
+
+
+def measured_order(name: str, items: list[tuple[str, float, float]]) -> str:
+    """Whether layouts (label, predicted, measured) rank the same by prediction as by measurement."""
+    by_pred = [label for label, _, _ in sorted(items, key=lambda x: x[1])]
+    by_meas = [label for label, _, _ in sorted(items, key=lambda x: x[2])]
+    return f"{name}: measured order {by_meas} - predicted {'same' if by_pred == by_meas else by_pred}"
 
 
 def predict(row: dict, world: int = 2, overrides: dict | None = None):
@@ -241,9 +246,7 @@ def print_timed(timed: list[tuple[dict, int, dict | None, str]]) -> None:
         groups.setdefault(" ".join(label.split()[:1] + label.split()[2:3]), []).append((label, pred, meas))
     for name, items in groups.items():
         if len(items) > 1:
-            by_pred = [x[0] for x in sorted(items, key=lambda x: x[1])]
-            by_meas = [x[0] for x in sorted(items, key=lambda x: x[2])]
-            print(f"{name}: measured order {by_meas} - predicted {'same' if by_pred == by_meas else by_pred}")
+            print(measured_order(name, items))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,19 @@ def test_max_context_probes_with_memory_switches_on_cpu(tmp_path):
     assert probe["attn_fwd_calls_per_step"] == 5  # ulysses, 2 layers in one checkpointed group
 
 
+def _validation(*args: str) -> subprocess.CompletedProcess:
+    """`python -m bench.planner_validation ARGS` as a user runs it; it must exit 0."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.planner_validation", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
 def test_planner_validation_reads_every_result_kind(tmp_path):
     """bench.planner_validation: train rows of 1 and 2 GPUs (timed), first-step rows and max_context probes
     (memory only, without AdamW's moments), each against the planner's own prediction for that layout."""
@@ -106,11 +119,7 @@ def test_planner_validation_reads_every_result_kind(tmp_path):
     )  # no args
     (tmp_path / "train_b.json").write_text(json.dumps({"meta": {"world": 1, "args": {}}, "rows": [one]}))
     (tmp_path / "train_c.json").write_text(json.dumps({"meta": {"world": 2, "args": {"warmup": 0}}, "rows": [first_only]}))  # fmt: skip
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.planner_validation", "--results", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = _validation("--results", str(tmp_path))
     lines = {
         line.split(" | ")[0].strip("| "): line for line in out.stdout.splitlines() if line.startswith("| 1b")
     }
@@ -131,12 +140,7 @@ def test_planner_validation_reads_every_result_kind(tmp_path):
     peer = dict(model="1b", impl="peer", seq=65536, ac="full", variant="peer", peak_gib=60.0)
     meta = {"world": 2, "args": {"warmup": 0, "variant": ["tiled:parallel.mlp_chunks=1"]}}
     (tmp_path / "first.json").write_text(json.dumps({"meta": meta, "rows": [peer, variant]}))
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.planner_validation", "--memory-only", str(tmp_path / "mc.json"),
-         str(tmp_path / "first.json")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = _validation("--memory-only", str(tmp_path / "mc.json"), str(tmp_path / "first.json"))
     table = [line for line in out.stdout.splitlines() if line.startswith("| 1b")]
     assert len(table) == 3 and "+0% ok" in table[0] and "(1st step)" in table[0]
     assert "1b ring 64k tiled (1st step)" in table[2] and "+0% ok" in table[2]
@@ -175,11 +179,7 @@ def test_planner_validation_attention_rows(tmp_path):
     ]
     meta = {"world": 2, "args": {"head_dim": 128}}
     (tmp_path / "attention.json").write_text(json.dumps({"meta": meta, "rows": rows}))
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.planner_validation", "--attention", str(tmp_path / "attention.json")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = _validation("--attention", str(tmp_path / "attention.json"))
     table = [line for line in out.stdout.splitlines() if line.startswith("| ") and "S=64k" in line]
     assert len(table) == 3, out.stdout  # no torch_cp row
     assert table[0].endswith("+10% ok |") and table[1].endswith("-30% off |")
@@ -206,11 +206,7 @@ def test_planner_validation_variant_rows(tmp_path):
         "args": {"warmup": 2, "variant": ["base:", "compile:parallel.compile=true"]},
     }
     (tmp_path / "compile.json").write_text(json.dumps({"meta": meta, "rows": rows}))
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.planner_validation", "--variants", str(tmp_path / "compile.json")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = _validation("--variants", str(tmp_path / "compile.json"))
     assert "(H100 test x2)" in out.stdout
     table = [line for line in out.stdout.splitlines() if line.startswith("| 1b")]
     assert len(table) == 2 and "base | " in table[0] and table[0].count("+0% ok") == 2
