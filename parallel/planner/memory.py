@@ -219,7 +219,7 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout, work: Workload, to
         b * (rv.heads + 2 * rv.kv_heads) * d
         + out_copies * b * rv.heads * d
         + 4 * rv.heads
-        + mlp_tensors(work) * b * math.ceil(shape.intermediate / layout.tp) // work.mlp_chunks
+        + mlp_bytes(shape, layout, work, mlp_tensors(work))
     )
     return replicated + per_token * tokens
 
@@ -228,6 +228,11 @@ def mlp_tensors(work: Workload) -> int:
     """[tokens, intermediate] tensors an MLP saves: gate, SiLU(gate), up and their product - compiled, the
     fused SiLU x up keeps no SiLU output."""
     return 3 if work.compiled else 4
+
+
+def mlp_bytes(shape: ModelShape, layout: Layout, work: Workload, tensors: int) -> int:
+    """Bytes per token of `tensors` [tokens, intermediate / tp] tensors of one MLP tile (mlp_chunks)."""
+    return tensors * work.compute_bytes * math.ceil(shape.intermediate / layout.tp) // work.mlp_chunks
 
 
 def saved_activation_bytes(shape: ModelShape, layout: Layout, work: Workload) -> int:
@@ -376,15 +381,7 @@ def memory_breakdown(
         overhead=overhead_bytes,
         saved_activations=saved_activation_bytes(shape, layout, work),
         gathered_root=gathered_root,
-        mlp_working=mlp_tensors(work)
-        * b
-        * math.ceil(shape.intermediate / layout.tp)
-        // work.mlp_chunks
-        * rv.mb_tokens,
-        mlp_grads=(mlp_tensors(work) - 1)
-        * b
-        * math.ceil(shape.intermediate / layout.tp)
-        // work.mlp_chunks
-        * rv.mb_tokens,
+        mlp_working=mlp_bytes(shape, layout, work, mlp_tensors(work)) * rv.mb_tokens,
+        mlp_grads=mlp_bytes(shape, layout, work, mlp_tensors(work) - 1) * rv.mb_tokens,
         grads_resident=work.grad_accum > 1 or layout.pp > 1,
     )
