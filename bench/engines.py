@@ -12,11 +12,10 @@ costs one row, not the table. Rows (the default is the first two):
   ds_z3_offload_cpuadam  the same with DeepSpeedCPUAdam (JIT-built on first use: needs a C++ compiler)
 
 Layout for all: CP = all ranks (zigzag; ring unless --strategy ulysses), full activation checkpointing,
-fp32 master weights with bf16 compute, AdamW + clipping at 1.0. Both engines run the trainer's own step on
-the trainer's batch dicts (input_ids, labels, position_ids, doc_ids): the DeepSpeed row calls
-`DeepSpeedRunner.train_step`, the FSDP2 row is bench.train's (`Fsdp2Row`: trainer/step.py, as
-`Trainer.train_step` runs it). The model shapes and build, the base config (`make_config`) and the MFU
-convention are bench.train's too.
+fp32 master weights with bf16 compute, AdamW + clipping at 1.0. Both engines are the trainer's own
+(trainer/engine.py, built and stepped by bench.train's `EngineRow` as `Trainer` builds and steps them) on
+the trainer's batch dicts (input_ids, labels, position_ids, doc_ids). The model shapes and build, the base
+config (`make_config`) and the MFU convention are bench.train's too.
 
 Columns: step_s (median step, slowest rank), tok_s_gpu, mfu_pct (989 TF/s bf16), peak_gib
 (max_memory_allocated over warm-up + timed steps, max over ranks), init_peak_gib (building and sharding
@@ -103,30 +102,6 @@ def engine_config(opts, engine: str, seq: int, world: int, device: torch.device)
     return cfg
 
 
-# ---- the two engines (the FSDP2 row and the model build are bench.train's) -----------------------------
-class DeepSpeedRow:
-    """DeepSpeed ZeRO: the trainer's DeepSpeedRunner, built as Trainer.__init__ builds it."""
-
-    def __init__(self, cfg, mesh, dims, device: torch.device) -> None:
-        from bench.train import build_stage
-        from trainer.checkpoint import Checkpointer
-        from trainer.ds_engine import DeepSpeedRunner
-
-        stage = build_stage(cfg, mesh, dims, device)
-        base = Checkpointer(cfg.checkpoint, cfg.output_dir, layout={"engine": "deepspeed"})  # never saves
-        self.runner = DeepSpeedRunner(cfg, stage, mesh, device, base)
-
-    def step(self, batches: list[dict[str, torch.Tensor]], step: int) -> float:
-        loss, _, _ = self.runner.train_step(batches, step, 0)
-        return loss
-
-    def close(self) -> None:
-        # ZeRO-3 leaves forward/backward hooks on the modules and pinned buffers: destroy() removes them.
-        if self.runner is not None:
-            self.runner.engine.destroy()
-        self.runner = None
-
-
 # ---- measuring ----------------------------------------------------------------------------------------
 def gib_allocated(device: torch.device, peak: bool = False) -> float | None:
     if device.type != "cuda":
@@ -158,15 +133,14 @@ def measure(engine: str, cfg, mesh, dims, device: torch.device, warmup: int, ste
     """Build one engine, run warm-up + timed steps, tear it down; the row's numbers (max over ranks)."""
     world = dist.get_world_size()
     seq = cfg.training.seq_len
-    from bench.train import Fsdp2Row
+    from bench.train import EngineRow
 
-    cls = DeepSpeedRow if cfg.parallel.engine == "deepspeed" else Fsdp2Row
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     row = None
     try:
         t0 = time.perf_counter()
-        row = cls(cfg, mesh, dims, device)
+        row = EngineRow(cfg, mesh, dims, device)
         sync(device)
         build_s = time.perf_counter() - t0
         init_peak = gib_allocated(device, peak=True)

@@ -124,13 +124,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return label.strip(), {k.strip(): yaml.safe_load(v) for k, v in pairs}
 
 
-def build_stage(cfg, mesh, dims, device: torch.device):
-    """The trainer's model: HF model in fp32 -> CausalLMStage -> CP, checkpointing (+ FSDP for fsdp2; for
-    deepspeed everything but the sharding, which ZeRO does)."""
+def build_stage(cfg, device: torch.device):
+    """The trainer's model, unsharded: HF model in fp32 -> CausalLMStage (the engine shards it)."""
     from models.causal_lm import CausalLMStage
-    from models.parallelize import parallelize_llama
     from models.registry import build_hf_model
-    from trainer.ds_engine import parallelize_for_deepspeed
 
     # Random init straight on the device: same as the trainer's CPU build + .to(device), but an 8B
     # init on the CPU takes minutes.
@@ -139,37 +136,28 @@ def build_stage(cfg, mesh, dims, device: torch.device):
     stage = CausalLMStage(hf, loss_chunk=cfg.training.loss_chunk)
     del hf
     stage.doc_mask = cfg.data.doc_mask
-    if cfg.parallel.engine == "deepspeed":
-        parallelize_for_deepspeed(stage, mesh, dims, cfg)
-    else:
-        parallelize_llama(stage, mesh, dims, cfg)
-    stage.train()
     return stage
 
 
-class Fsdp2Row:
-    """FSDP2 (optionally CPU-offloaded): the trainer's own step (trainer/step.py), no pipeline."""
+class EngineRow:
+    """One engine of the trainer (trainer/engine.py: FSDP2 or DeepSpeed, per parallel.engine) around the
+    trainer's model, stepped exactly as training steps it (no pipeline)."""
 
     def __init__(self, cfg, mesh, dims, device: torch.device) -> None:
-        from trainer.optim import build_optimizer
-        from trainer.step import StepGroups
+        from models.parallelize import parallelize_llama
+        from trainer.engine import EngineContext, build_engine
 
-        self.cfg, self.device = cfg, device
-        self.stage = build_stage(cfg, mesh, dims, device)
-        self.params = [p for p in self.stage.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg.optim)
-        self.groups = StepGroups.from_mesh(mesh)
+        self.engine = build_engine(
+            cfg, build_stage(cfg, device), EngineContext(mesh, dims, device, parallelize_llama)
+        )
+        self.optimizer = self.engine.optimizer
 
     def step(self, batches: list[dict[str, torch.Tensor]], step: int) -> float:
-        from trainer.step import fsdp2_step
-
-        loss, _, _ = fsdp2_step(
-            self.stage, self.params, self.optimizer, batches, self.groups, self.cfg, self.device, step, 0
-        )
-        return loss
+        return self.engine.step(batches, step, 0).loss
 
     def close(self) -> None:
-        self.optimizer = self.params = self.stage = None
+        self.engine.close()
+        self.engine = self.optimizer = None
 
 
 def longctx_step_fn(cfg, world: int, device: torch.device):
@@ -177,7 +165,7 @@ def longctx_step_fn(cfg, world: int, device: torch.device):
     from parallel.dims import ParallelDims
 
     dims = ParallelDims.from_config(cfg.parallel, world)
-    row = Fsdp2Row(cfg, dims.build_mesh(device.type), dims, device)
+    row = EngineRow(cfg, dims.build_mesh(device.type), dims, device)
     counter = itertools.count()
 
     def step():

@@ -280,8 +280,3 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert step == 1 and extra == {"k": 1}
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
 
-
-def test_due(tmp_path):
-    ckpt = Checkpointer(_cfg(interval=5), tmp_path)
-    assert [s for s in range(1, 13) if ckpt.due(s, 12)] == [5, 10, 12]
-    assert [s for s in range(1, 4) if Checkpointer(_cfg(interval=0), tmp_path).due(s, 3)] == [3]

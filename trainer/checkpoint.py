@@ -1,10 +1,11 @@
-"""Atomic, sharded checkpoints with torch.distributed.checkpoint (DCP), and HF safetensors export.
+"""Atomic, sharded checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout of one checkpoint, `<output_dir>/checkpoints/step_<N:08d>/`:
-  .metadata, __*_*.distcp   DCP shards: {"model": ..., "optim": ...} as each rank's DTensor shards, so a
-                            checkpoint loads onto another mesh (DCP reshards on load)
-  train_state.pt            rank 0: global non-sharded state (scheduler state dicts, step)
-  extra_rank<R>.pt          each rank: its `extra_state` (dataloader state, RNG states, counters)
+  .metadata, __*_*.distcp   one DCP save of named `Stateful` entries (trainer/checkpoint_state.py):
+                            "model", "optim" as each rank's DTensor shards (DCP reshards them on load onto
+                            another mesh), "train" (step, scheduler, counters) and "rank" (each rank's
+                            data position and RNG states, keyed rank<R>), the last two as JSON tensors
+  <engine files>            an engine's own files where it saves model and optimizer itself (DeepSpeed)
   COMPLETE.json             written last by rank 0: step, world size, layout, model config hash, time
 A save writes `step_<N>.tmp/`; only after every rank finished does rank 0 write the marker and rename the
 directory, so a crash mid-save never leaves something that looks resumable.
@@ -13,44 +14,50 @@ directory, so a crash mid-save never leaves something that looks resumable.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
-from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
+from torch.distributed.checkpoint.planner import ReadItem
+
+from trainer.checkpoint_state import (
+    CheckpointError,
+    JsonState,
+    capture_rng_state,
+    restore_rng_state,
+    run_entries,
 )
+
+__all__ = [
+    "MARKER",
+    "Checkpointer",
+    "CheckpointError",
+    "capture_rng_state",
+    "check_writable",
+    "restore_rng_state",
+]
 
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
-TRAIN_STATE = "train_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)(\.tmp)?$")
-# Flat optimizer keys ("state.<fqn>.exp_avg") merge cleanly across pipeline stages and do not depend on
-# parameter order, which is what lets an optimizer state follow a change of layout.
-_SD_OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message is one line naming the path."""
+# Files of checkpoints written before the small state moved into the DCP save (read without unpickling
+# code: weights_only, with numpy's RNG array allowed).
+_LEGACY_TRAIN, _LEGACY_RANK = "train_state.pt", "extra_rank{}.pt"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -131,88 +138,53 @@ def config_hash(model_config: Any) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """RNG states of python, numpy, torch (CPU) and the current CUDA device, for `extra_state`."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of `capture_rng_state`; a missing CUDA entry (checkpoint from CPU) is ignored."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _optimizers(optimizer: Any, n_parts: int) -> list[torch.optim.Optimizer]:
-    if isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizers"):
-        optimizer = optimizer.optimizers  # a container holding one optimizer per model part
-    opts = list(optimizer) if isinstance(optimizer, Sequence) else [optimizer]
-    if len(opts) != n_parts:
-        raise CheckpointError(
-            f"got {len(opts)} optimizer(s) for {n_parts} model part(s); pass one optimizer per model part"
-        )
-    return opts
-
-
-def _part_states(parts: list[nn.Module], opts: list[torch.optim.Optimizer]) -> list[tuple[dict, dict]]:
-    return [
-        (get_model_state_dict(p, options=_SD_OPTS), get_optimizer_state_dict(p, o, options=_SD_OPTS))
-        for p, o in zip(parts, opts)
-    ]
-
-
-def _schedulers(scheduler: Any) -> list[Any]:
-    return [s for s in (scheduler if isinstance(scheduler, Sequence) else [scheduler]) if s is not None]
-
-
 def _fresh_dir(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)  # leftover of an interrupted save of this same step
     path.mkdir(parents=True)
 
 
-def _merged(states: list[tuple[dict, dict]]) -> dict[str, dict]:
-    model: dict[str, Any] = {}
-    optim: dict[str, Any] = {}
-    for msd, osd in states:
-        model.update(msd)
-        optim.update(osd)
-    return {"model": model, "optim": optim}
+class NativeCheckpoint(Protocol):
+    """State an engine writes with its own files inside the step directory (DeepSpeed's ZeRO partitions);
+    the DCP entries of the same checkpoint hold everything else."""
+
+    def check(self, path: Path, marker: dict) -> None:
+        """Raise CheckpointError (one line) if this run cannot load the checkpoint described by `marker`."""
+
+    def save(self, tmp: Path) -> None: ...
+
+    def load(self, path: Path) -> None: ...
 
 
 class Checkpointer:
     """Saves and resumes the training state under `<output_dir>/checkpoints/`.
 
-    Construct on every rank (save/resume are collective). `layout` (e.g. the mesh dims) and
-    `model_config` are recorded in the completion marker; after `maybe_resume`, `saved_layout` holds
-    the marker of the checkpoint that was loaded so the trainer can decide whether data state can follow.
+    Construct on every rank (save/resume are collective). `layout` (e.g. the mesh dims and the engine) and
+    `model_config` are recorded in the completion marker; after a load, `saved_layout` holds the marker of
+    the checkpoint that was loaded. `save_state` / `resume` take the named `Stateful` entries of one run;
+    `save` / `maybe_resume` build the standard entries from model parts, optimizer, scheduler and a
+    per-rank `extra_state` dict.
     """
 
     def __init__(
-        self, cfg: Any, output_dir: str | os.PathLike, *, layout: dict | None = None, model_config: Any = None
+        self,
+        cfg: Any,
+        output_dir: str | os.PathLike,
+        *,
+        layout: dict | None = None,
+        model_config: Any = None,
+        native: NativeCheckpoint | None = None,
     ) -> None:
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.root = self.output_dir / "checkpoints"
         self.layout = dict(layout or {})
         self.model_hash = config_hash(model_config)
+        self.native = native
         self.saved_layout: dict | None = None
         self._pending: tuple[Future, int, Path] | None = None
         self._async_pg = None
         check_writable(self.root)
-
-    def due(self, step: int, total_steps: int) -> bool:
-        """Whether `step` should be saved: every `interval` steps, and always the last one."""
-        return step == total_steps or (self.cfg.interval > 0 and step % self.cfg.interval == 0)
 
     # ---- discovery -------------------------------------------------------------------------------
     def list_checkpoints(self) -> tuple[list[tuple[int, Path]], list[Path]]:
@@ -250,18 +222,44 @@ class Checkpointer:
                 logger.warning("ignoring incomplete checkpoint %s (no %s): an interrupted save", p, MARKER)
         return complete[-1][1] if complete else None
 
+    def find_resume(self) -> Path | None:
+        """Collective. The checkpoint `checkpoint.resume` points at, decided by rank 0 for every rank."""
+        found: tuple[Path | None, str] = (None, "")
+        if _rank() == 0:
+            try:
+                found = (self._resolve_resume(), "")
+            except CheckpointError as exc:
+                found = (None, str(exc))
+        path, err = _broadcast(found)  # one decision for all ranks, even if their FS views differ
+        if err:
+            raise CheckpointError(err)
+        return path
+
     # ---- save ------------------------------------------------------------------------------------
-    @staticmethod
-    def write_local_state(tmp: Path, step: int, scheduler: Any, extra_state: dict | None) -> None:
-        """Collective. Each rank's extra state, and rank 0's step + scheduler state, into `tmp`."""
+    def save_state(self, step: int, entries: dict[str, Any]) -> Path:
+        """Collective. Writes step_<N>.tmp, then (after all ranks finish) marks it complete and renames it.
 
-        def write_local() -> None:
-            torch.save(extra_state or {}, tmp / f"extra_rank{_rank()}.pt")
-            if _rank() == 0:
-                scheds = [s.state_dict() for s in _schedulers(scheduler)]
-                torch.save({"step": step, "schedulers": scheds}, tmp / TRAIN_STATE)
-
-        _agreed(write_local, f"saving checkpoint {tmp} failed")
+        With async_save (and no engine-native files) the DCP write continues in the background and
+        completion happens on the next save or `wait()`. Returns the final directory path."""
+        self.wait()
+        final = self.root / f"step_{step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        _agreed(lambda: _fresh_dir(tmp), f"cannot create checkpoint dir {tmp}", rank0_only=True)
+        try:
+            if self.cfg.async_save and self.native is None:
+                if self._async_pg is None and dist.is_initialized():
+                    # A separate gloo group keeps the background thread's collectives off the training group.
+                    self._async_pg = dist.new_group(backend="gloo")
+                fut = dcp.async_save(entries, checkpoint_id=str(tmp), process_group=self._async_pg)
+                self._pending = (getattr(fut, "upload_completion", fut), step, tmp)
+                return final
+            dcp.save(entries, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        except Exception as exc:  # noqa: BLE001 - DCP gathers errors from all ranks
+            raise CheckpointError(f"saving checkpoint {tmp} failed: {_first_line(exc)}") from None
+        if self.native is not None:
+            _agreed(lambda: self.native.save(tmp), f"saving checkpoint {tmp} failed")
+        self._finalize(step, tmp)
+        return final
 
     def save(
         self,
@@ -271,32 +269,9 @@ class Checkpointer:
         scheduler: Any,
         extra_state: dict | None = None,
     ) -> Path:
-        """Collective. Writes step_<N>.tmp, then (after all ranks finish) marks it complete and renames it.
-
-        With async_save the DCP write continues in the background and completion happens on the next
-        `save` or `wait()`. Returns the final directory path.
-        """
-        self.wait()
-        final = self.root / f"step_{step:08d}"
-        tmp = final.with_name(final.name + ".tmp")
-        _agreed(lambda: _fresh_dir(tmp), f"cannot create checkpoint dir {tmp}", rank0_only=True)
-        parts = list(model_parts)
-        state = _merged(_part_states(parts, _optimizers(optimizer, len(parts))))
-
-        self.write_local_state(tmp, step, scheduler, extra_state)
-        try:
-            if self.cfg.async_save:
-                if self._async_pg is None and dist.is_initialized():
-                    # A separate gloo group keeps the background thread's collectives off the training group.
-                    self._async_pg = dist.new_group(backend="gloo")
-                fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_pg)
-                self._pending = (getattr(fut, "upload_completion", fut), step, tmp)
-                return final
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-        except Exception as exc:  # noqa: BLE001 - DCP gathers errors from all ranks
-            raise CheckpointError(f"saving checkpoint {tmp} failed: {_first_line(exc)}") from None
-        self._finalize(step, tmp)
-        return final
+        """Collective. `save_state` of the standard entries; `extra_state` is this rank's own dict."""
+        entries = run_entries(model_parts, optimizer, scheduler, lambda: step, lambda: extra_state or {})
+        return self.save_state(step, entries)
 
     def wait(self) -> None:
         """Block until a pending async save is written and marked complete (call at exit)."""
@@ -348,84 +323,128 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
     # ---- resume ----------------------------------------------------------------------------------
+    def resume(self, entries: dict[str, Any]) -> int | None:
+        """Collective. Load per `checkpoint.resume` into `entries`; returns the step, or None (fresh)."""
+        path = self.find_resume()
+        return None if path is None else self.load_state(path, entries)
+
     def maybe_resume(
         self, model_parts: list[nn.Module], optimizer: Any, scheduler: Any
     ) -> tuple[int, dict] | None:
-        """Collective. Load per `checkpoint.resume`; returns (step, extra_state) or None (fresh start).
+        """Collective. `resume` of the standard entries; returns (step, extra_state) or None. extra_state
+        is this rank's own when the world size is unchanged, else rank 0's."""
+        got: dict = {}
+        step = self.resume(run_entries(model_parts, optimizer, scheduler, lambda: 0, dict, got.update))
+        return None if step is None else (step, got)
 
-        extra_state is this rank's own when the world size is unchanged, else rank 0's (compare
-        `saved_layout` with the current layout to decide what of it still applies).
-        """
-        found: tuple[Path | None, str] = (None, "")
-        if _rank() == 0:
-            try:
-                found = (self._resolve_resume(), "")
-            except CheckpointError as exc:
-                found = (None, str(exc))
-        path, err = _broadcast(found)  # one decision for all ranks, even if their FS views differ
-        if err:
-            raise CheckpointError(err)
-        if path is None:
-            return None
-        return self.load(path, model_parts, optimizer, scheduler)
-
-    def load(
-        self, path: str | os.PathLike, model_parts: list[nn.Module], optimizer: Any, scheduler: Any
-    ) -> tuple[int, dict]:
-        """Collective. Load a complete checkpoint directory into the given (possibly resharded) objects."""
-        path = Path(path)
+    def _marker(self, path: Path) -> dict:
         try:
             marker = json.loads((path / MARKER).read_text())
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(
                 f"checkpoint {path} has no readable {MARKER} ({_first_line(exc)})"
             ) from None
-        saved_engine = marker.get("layout", {}).get("engine", "fsdp2")
-        if saved_engine != self.layout.get("engine", "fsdp2"):
+        saved, mine = marker.get("layout", {}).get("engine", "fsdp2"), self.layout.get("engine", "fsdp2")
+        if saved != mine:
             raise CheckpointError(
-                f"checkpoint {path} was written by the {saved_engine} engine; this run uses "
-                f"{self.layout.get('engine', 'fsdp2')} (parallel.engine)"
+                f"checkpoint {path} was written by the {saved} engine; this run uses {mine}: resume with "
+                f"parallel.engine={saved}, or start fresh with checkpoint.resume=none"
             )
+        if self.model_hash and marker.get("model_config_hash") not in (None, self.model_hash):
+            logger.warning("checkpoint %s was saved with a different model config (hash differs)", path)
+        return marker
+
+    def load_state(self, path: str | os.PathLike, entries: dict[str, Any]) -> int:
+        """Collective. Load a complete checkpoint directory into `entries` (DCP reshards the sharded ones
+        onto the current mesh); returns its step."""
+        path = Path(path)
+        marker = self._marker(path)
+        if self.native is not None:
+            self.native.check(path, marker)
         try:
-            train_state = torch.load(path / TRAIN_STATE, weights_only=False)
             saved_md = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"checkpoint {path} is corrupt or incomplete: {_first_line(exc)}") from None
-        if self.model_hash and marker.get("model_config_hash") not in (None, self.model_hash):
-            logger.warning("checkpoint %s was saved with a different model config (hash differs)", path)
-        parts = list(model_parts)
-        opts = _optimizers(optimizer, len(parts))
-        states = _part_states(parts, opts)
-        state = _merged(states)
+        same_world = marker.get("world_size") == _world()
+        legacy = None if "train.json" in saved_md else _read_legacy(path, same_world)
+        state: dict[str, Any] = {}
+        for name, entry in entries.items():
+            if not isinstance(entry, JsonState):
+                state[name] = entry.state_dict()
+            elif legacy is None:
+                target = entry.template(name, saved_md, same_world)
+                if target is None:
+                    raise CheckpointError(f"checkpoint {path} has no '{name}' state (saved by another run?)")
+                state[name] = target
         _check_shapes(path, state, saved_md)
+        flat = {f"{name}.{key}": value for name, values in state.items() for key, value in values.items()}
         try:
-            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+            dcp.load(
+                flat,
+                checkpoint_id=str(path),
+                planner=_WeightsOnlyLoadPlanner(flatten_state_dict=False),
+                no_dist=not dist.is_initialized(),
+            )
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"loading checkpoint {path} failed: {_first_line(exc)}") from None
-        for part, opt, (msd, osd) in zip(parts, opts, states):
-            set_model_state_dict(part, {k: state["model"][k] for k in msd}, options=_SD_OPTS)
-            set_optimizer_state_dict(part, opt, {k: state["optim"][k] for k in osd}, options=_SD_OPTS)
-        for sched, sd in zip(_schedulers(scheduler), train_state["schedulers"]):
-            sched.load_state_dict(sd)
-        same_world = marker.get("world_size") == _world()
-        extra_file = path / f"extra_rank{_rank() if same_world else 0}.pt"
-        try:
-            extra = torch.load(extra_file, weights_only=False)
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(
-                f"checkpoint {path}: cannot read {extra_file.name}: {_first_line(exc)}"
-            ) from None
-        self.saved_layout = marker
+        state = {name: {key: flat[f"{name}.{key}"] for key in values} for name, values in state.items()}
+        if self.native is not None:
+            _agreed(lambda: self.native.load(path), f"loading checkpoint {path} failed")
+        self.saved_layout = marker  # entries may look at the saved layout (is this rank's RNG state its own?)
+        for name, entry in entries.items():
+            if name in state:
+                entry.load_state_dict(state[name])
+            else:
+                entry.put(legacy[name])
         logger.info(
             "resumed from %s (step %d, saved on %s ranks)", path, marker["step"], marker["world_size"]
         )
-        return int(marker["step"]), extra
+        return int(marker["step"])
+
+    def load(
+        self, path: str | os.PathLike, model_parts: list[nn.Module], optimizer: Any, scheduler: Any
+    ) -> tuple[int, dict]:
+        """Collective. `load_state` of the standard entries from one directory: (step, extra_state)."""
+        got: dict = {}
+        step = self.load_state(
+            path, run_entries(model_parts, optimizer, scheduler, lambda: 0, dict, got.update)
+        )
+        return step, got
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP stores non-tensor leaves (the optimizer's hyper-parameters) as pickles and reads them back
+    unrestricted; these are plain numbers and tuples, so read them as weights only. Entries are flattened
+    by the caller (one level: "<entry>.<key>", as DCP's own flattening names them on save)."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+
+def _read_legacy(path: Path, same_world: bool) -> dict[str, dict]:
+    """The "train" and "rank" entries of a checkpoint written before they moved into the DCP save: rank 0's
+    train_state.pt (step, schedulers) and extra_rank<R>.pt (data, RNG, counters), read as weights only."""
+    from numpy._core.multiarray import _reconstruct
+
+    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    files = [path / _LEGACY_TRAIN, path / _LEGACY_RANK.format(_rank() if same_world else 0)]
+    loaded = []
+    for file in files:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                loaded.append(torch.load(file, weights_only=True))
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(
+                f"checkpoint {path}: cannot read {file.name} (the older checkpoint layout): {_first_line(exc)}"
+            ) from None
+    train, extra = loaded
+    return {"train": {**extra, **train}, "rank": extra}
 
 
 def _check_shapes(path: Path, state: dict[str, dict], saved_md: dict) -> None:
     """Name the first key that is missing or has another global shape (DCP's own error is vaguer)."""
-    for section in ("model", "optim"):
-        for key, value in state[section].items():
+    for section, values in state.items():
+        for key, value in values.items():
             if not isinstance(value, torch.Tensor):
                 continue
             saved = saved_md.get(f"{section}.{key}")
@@ -438,6 +457,3 @@ def _check_shapes(path: Path, state: dict[str, dict], saved_md: dict) -> None:
                     f"checkpoint {path} does not match the model: '{key}' is {list(saved.size)} in the "
                     f"checkpoint but {list(value.shape)} in the model"
                 )
-
-
-# ---- Hugging Face export ---------------------------------------------------------------------------

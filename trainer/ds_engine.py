@@ -12,38 +12,28 @@ longctx's. Checkpoints use DeepSpeed's own files inside longctx's atomic `step_<
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 
 from models.causal_lm import CausalLMStage
 from models.parallelize import parallelize_llama
 from parallel.cp.sharding import shard_batch
 from parallel.dims import ConfigError, ParallelDims, sub_mesh
-from trainer.checkpoint import (
-    MARKER,
-    TRAIN_STATE,
-    Checkpointer,
-    CheckpointError,
-    _agreed,
-    _all_ok,
-    _barrier,
-    _first_line,
-    _fresh_dir,
-    _rank,
-    _schedulers,
-    _world,
-)
+from trainer.checkpoint import CheckpointError, _agreed, _rank, _world
 from trainer.ds_config import build_ds_config
 from trainer.loss import count_valid, mean_loss, skip_nonfinite
 from trainer.optim import build_optimizer
-from trainer.step import StepGroups
+from trainer.step import StepGroups, StepResult
+
+if TYPE_CHECKING:
+    from trainer.engine import EngineContext
 
 log = logging.getLogger("longctx")
 ENGINE = "deepspeed"
@@ -141,16 +131,20 @@ def _build_optimizer(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.
     return build_optimizer(params, o)
 
 
-class DeepSpeedRunner:
-    """The DeepSpeed engine around one CausalLMStage, with the trainer's step, checkpoint and export."""
+class DeepSpeedEngine:
+    """The `Engine` (trainer/engine.py) of parallel.engine=deepspeed: one CausalLMStage inside a DeepSpeed
+    engine, with the trainer's step, checkpoint and export."""
 
-    def __init__(
-        self, cfg: Any, stage: CausalLMStage, mesh: DeviceMesh, device: torch.device, base: Checkpointer
-    ) -> None:
+    name = ENGINE
+
+    def __init__(self, cfg: Any, stage: CausalLMStage, ctx: EngineContext) -> None:
         deepspeed = import_deepspeed()
         self.cfg = cfg
+        self.device = ctx.device
+        parallelize_for_deepspeed(stage, ctx.mesh, ctx.dims, cfg)
+        stage.train()
         self.stage = stage
-        self.groups = StepGroups.from_mesh(mesh)
+        self.groups = StepGroups.from_mesh(ctx.mesh)
         self.ds_config = build_ds_config(cfg, self.groups.fsdp_size)
         if cfg.deepspeed.zero_stage == 3 and stage.lm_head is not None:
             # The chunked loss reads lm_head.weight directly (never calls lm_head): ZeRO-3 must gather it
@@ -158,7 +152,7 @@ class DeepSpeedRunner:
             deepspeed.zero.register_external_parameter(stage, stage.lm_head.weight)
         params = [p for p in stage.parameters() if p.requires_grad]
         self.optimizer = _build_optimizer(params, cfg)
-        zero_groups = ZeroGroups(self.groups.dp_cp_group, sub_mesh(mesh, "tp").get_group())
+        zero_groups = ZeroGroups(self.groups.dp_cp_group, sub_mesh(ctx.mesh, "tp").get_group())
         self.engine, _, _, _ = deepspeed.initialize(
             model=stage,
             optimizer=self.optimizer,
@@ -166,8 +160,7 @@ class DeepSpeedRunner:
             mpu=zero_groups,
             dist_init_required=False,
         )
-        self.device = device
-        self.checkpointer = DeepSpeedCheckpointer(self.engine, base)
+        self.native_checkpoint = ZeroCheckpoint(self.engine)
         d = cfg.deepspeed
         log.info(
             "deepspeed engine: ZeRO-%d over dp x cp = %d ranks, offload optimizer=%s params=%s%s",
@@ -178,11 +171,16 @@ class DeepSpeedRunner:
             f", user config {d.config}" if d.config else "",
         )
 
+    def checkpoint_entries(self) -> dict[str, Stateful]:
+        return {}  # model and optimizer are in DeepSpeed's own files (ZeroCheckpoint)
+
+    def close(self) -> None:
+        # ZeRO-3 leaves forward/backward hooks on the modules and pinned buffers: destroy() removes them.
+        self.engine.destroy()
+
     # ---- one optimizer step ---------------------------------------------------------------------
-    def train_step(
-        self, batches: list[dict[str, torch.Tensor]], step: int, skipped_so_far: int
-    ) -> tuple[float, float, bool]:
-        """Forward/backward every micro-batch and step; returns (loss, grad norm before clipping, skipped).
+    def step(self, batches: list[dict[str, torch.Tensor]], step: int, skipped_so_far: int) -> StepResult:
+        """Forward/backward every micro-batch and step.
 
         Raises NonFiniteError when the loss or grad norm is NaN/inf and training.skip_nonfinite is used up.
         DeepSpeed has already discarded the update of such a step (fp32, ZeRO-3, bf16 check_grad_overflow).
@@ -211,7 +209,7 @@ class DeepSpeedRunner:
             cfg.training.skip_nonfinite,
             self.device,
         )
-        return loss_value, grad_norm, skipped
+        return StepResult(loss_value, grad_norm, skipped)
 
     # ---- HF export --------------------------------------------------------------------------------
     def export_hf(self, hf_config: Any, tokenizer: Any, out_dir: str | os.PathLike, dtype: str) -> Path:
@@ -243,86 +241,29 @@ class DeepSpeedRunner:
         return out
 
 
-class DeepSpeedCheckpointer(Checkpointer):
-    """`Checkpointer` whose model and optimizer state go through DeepSpeed's save/load_checkpoint.
+class ZeroCheckpoint:
+    """Model and optimizer state through DeepSpeed's save/load_checkpoint, as the `NativeCheckpoint` of
+    longctx's step_<N> directories: DeepSpeed's files (mp_rank_00_model_states.pt, *_optim_states.pt) sit
+    next to the DCP save of the step, scheduler, data position and RNG. ZeRO partitions do not reshard, so
+    only a checkpoint of the same world size loads."""
 
-    Same directory protocol (step_<N>.tmp -> COMPLETE.json -> rename, keep-k, resume: auto) and the same
-    longctx files: train_state.pt (step, scheduler) and extra_rank<R>.pt (data position, RNG, counters);
-    DeepSpeed's files (mp_rank_00_model_states.pt, *_optim_states.pt) sit next to them. The marker's
-    layout records engine=deepspeed so neither engine mistakes the other's checkpoint for its own.
-    """
-
-    def __init__(self, engine: Any, base: Checkpointer) -> None:
-        super().__init__(base.cfg, base.output_dir, layout={**base.layout, "engine": ENGINE})
-        self.model_hash = base.model_hash
+    def __init__(self, engine: Any) -> None:
         self.engine = engine
 
-    def save(
-        self, step: int, model_parts: Any, optimizer: Any, scheduler: Any, extra_state: dict | None = None
-    ) -> Path:
-        """Collective; model_parts/optimizer are the engine's (kept for the Checkpointer signature)."""
-        final = self.root / f"step_{step:08d}"
-        tmp = final.with_name(final.name + ".tmp")
-        _agreed(lambda: _fresh_dir(tmp), f"cannot create checkpoint dir {tmp}", rank0_only=True)
-
-        self.write_local_state(tmp, step, scheduler, extra_state)
-        ok, err = True, "failed on another rank"
-        try:
-            self.engine.save_checkpoint(
-                str(self.root), tag=tmp.name, client_state={"longctx_step": step}, save_latest=False
-            )
-        except Exception as exc:  # noqa: BLE001 - reported collectively, as one line
-            ok, err = False, _first_line(exc)
-        if not _all_ok(ok):
-            raise CheckpointError(f"saving checkpoint {tmp} failed: {err}")
-        self._finalize(step, tmp)
-        return final
-
-    def load(
-        self, path: str | os.PathLike, model_parts: Any, optimizer: Any, scheduler: Any
-    ) -> tuple[int, dict]:
-        """Collective. Load a complete deepspeed-engine checkpoint saved with the same number of ranks."""
-        path = Path(path)
-        try:
-            marker = json.loads((path / MARKER).read_text())
-            train_state = torch.load(path / TRAIN_STATE, weights_only=False)
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {path} is corrupt or incomplete: {_first_line(exc)}") from None
-        engine = (marker.get("layout") or {}).get("engine", "fsdp2")
-        if engine != ENGINE:
-            raise CheckpointError(
-                f"checkpoint {path} was written by the {engine} engine; parallel.engine=deepspeed cannot load "
-                f"it (resume with parallel.engine={engine}, or start fresh with checkpoint.resume=none)"
-            )
+    def check(self, path: Path, marker: dict) -> None:
         if marker.get("world_size") != _world():
             raise CheckpointError(
                 f"checkpoint {path} holds ZeRO partitions of {marker.get('world_size')} ranks, this run has "
                 f"{_world()}: the deepspeed engine resumes on the same number of ranks only "
                 f"({marker.get('world_size')}); parallel.engine=fsdp2 checkpoints reshard"
             )
-        if self.model_hash and marker.get("model_config_hash") not in (None, self.model_hash):
-            log.warning("checkpoint %s was saved with a different model config (hash differs)", path)
-        ok, err, loaded = True, "failed on another rank", None
-        try:
-            loaded, _ = self.engine.load_checkpoint(
-                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
-            )
-            if loaded is None:
-                raise FileNotFoundError("DeepSpeed found no model states in it")
-        except Exception as exc:  # noqa: BLE001
-            ok, err = False, _first_line(exc)
-        if not _all_ok(ok):
-            raise CheckpointError(f"loading checkpoint {path} failed: {err}")
-        for sched, sd in zip(_schedulers(scheduler), train_state["schedulers"]):
-            sched.load_state_dict(sd)
-        extra_file = path / f"extra_rank{_rank()}.pt"
-        try:
-            extra = torch.load(extra_file, weights_only=False)
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(
-                f"checkpoint {path}: cannot read {extra_file.name}: {_first_line(exc)}"
-            ) from None
-        _barrier()
-        self.saved_layout = marker
-        log.info("resumed from %s (step %d, deepspeed engine)", path, marker["step"])
-        return int(marker["step"]), extra
+
+    def save(self, tmp: Path) -> None:
+        self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
+
+    def load(self, path: Path) -> None:
+        loaded, _ = self.engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if loaded is None:
+            raise FileNotFoundError("DeepSpeed found no model states in it")

@@ -16,6 +16,15 @@ from trainer.loss import clip_gradients, count_valid, global_grad_norm, mean_los
 
 
 @dataclass
+class StepResult:
+    """One optimizer step: the global mean loss, the grad norm before clipping, whether it was skipped."""
+
+    loss: float
+    grad_norm: float
+    skipped: bool
+
+
+@dataclass
 class StepGroups:
     """The process groups and ranks one step needs, from the run's mesh (FSDP2 and DeepSpeed alike: both
     shard over dp x cp, whose size scales the loss)."""
@@ -53,8 +62,8 @@ def fsdp2_step(
     step: int,
     skipped_so_far: int,
     pipeline: Any = None,
-) -> tuple[float, float, bool]:
-    """Returns (mean loss, grad norm before clipping, skipped). `step` is the 0-based index of this step.
+) -> StepResult:
+    """One step; `step` is the 0-based index of this step.
 
     Raises NonFiniteError when the loss or grad norm is NaN/inf and training.skip_nonfinite is used up."""
     global_valid = count_valid(batches, groups.dp_group, device)
@@ -87,4 +96,4 @@ def fsdp2_step(
         clip_gradients(params, cfg.training.max_grad_norm, grad_norm)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, grad_norm.item(), skipped
+    return StepResult(loss_value, grad_norm.item(), skipped)

@@ -1,12 +1,11 @@
-"""The training loop. Built from small parts: mesh (parallel/dims), model stage (models/), data
-(trainer/data), loss normalisation (trainer/loss), optimizer (trainer/optim), checkpoints, metrics."""
+"""The training loop. Built from small parts: validation, mesh (parallel/dims), model stage (models/), an
+engine that shards and steps it (trainer/engine), data (trainer/data), checkpoints, metrics."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,27 +16,19 @@ from models.registry import DTYPES, build_hf_model, check_supported, family_of, 
 from parallel.cp.kernels import select_kernel
 from parallel.dims import ParallelDims, sub_mesh, sub_rank_and_size
 from parallel.planner import resolve_auto
-from parallel.pp import Pipeline
 from trainer import distributed
-from trainer.checkpoint import Checkpointer, capture_rng_state, check_writable, restore_rng_state
+from trainer.checkpoint import Checkpointer, check_writable
+from trainer.checkpoint_state import JsonState, capture_rng_state, restore_rng_state, train_state
 from trainer.config import Config, ConfigError, config_to_dict, save_config
 from trainer.data import build_dataloader, load_tokenizer
+from trainer.engine import EngineContext, build_engine
 from trainer.errors import ModelLoadError, one_line
-from trainer.hf_export import export_hf
 from trainer.logging_utils import setup_logging
 from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
-from trainer.optim import build_optimizer, build_scheduler
-from trainer.step import StepGroups, fsdp2_step
+from trainer.optim import build_scheduler
+from trainer.step import StepResult
 
 log = logging.getLogger("longctx")
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    tokens: int
-    skipped: bool
 
 
 class StopSignal:
@@ -61,11 +52,32 @@ class StopSignal:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self._start()
+        self._validate()  # everything that can reject the run, before any weights or data are loaded
+        self._record_config()
+        self._build_mesh()
+        self.tokenizer = load_tokenizer(self.cfg)
+        self.engine = build_engine(self.cfg, self._build_stage(), self._engine_context())
+        self.model, self.optimizer = self.engine.stage, self.engine.optimizer
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.training.steps)
+        self.loader = build_dataloader(self.cfg, self.tokenizer, self.dp_rank, self.dp_size, rank=self.rank)
+        self.checkpointer = self._build_checkpointer()
+        self.step = 0
+        self.skipped_steps = 0
+        self.history: list[dict] = []  # per-step metrics of this process (tests and notebooks read it)
+        self.stop = StopSignal()
+
+    # ---- construction ---------------------------------------------------------------------------
+    def _start(self) -> None:
+        cfg = self.cfg
         self.out = Path(cfg.output_dir)
         self.device = distributed.pick_device(cfg.training.device, cfg.training.expandable_segments)
         self.rank, self.world = distributed.init_distributed(self.device, cfg.training.init_timeout_min)
         check_writable(self.out)  # before anything is written or loaded: one line if it can't be
         setup_logging(self.out, self.rank)
+
+    def _validate(self) -> None:
+        cfg = self.cfg
         # Everything that can reject the run does so before any weights or data are loaded.
         try:
             self.hf_config = load_hf_config(cfg.model.path, cfg.model.config)
@@ -114,51 +126,33 @@ class Trainer:
                 f"1F1B needs at least pp={self.dims.pp} micro-batches per step, got {n_micro} "
                 "(raise training.grad_accum or micro_batch_size, or use parallel.pp_schedule=GPipe)",
             )
+
+    def _record_config(self) -> None:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+            save_config(self.cfg, self.out / "config.yaml")
             log.info("resolved config:\n%s", (self.out / "config.yaml").read_text())
             log.info("mesh: %s", self.dims.describe())
-        self.mesh = self.dims.build_mesh(self.device.type)
+
+    def _build_mesh(self) -> None:
+        cfg, dims = self.cfg, self.dims
+        self.mesh = dims.build_mesh(self.device.type)
         self.dp_rank, self.dp_size = sub_rank_and_size(self.mesh, "dp")
-        self.pp_mesh = sub_mesh(self.mesh, "pp")
-        self.groups = StepGroups.from_mesh(self.mesh)
         t = cfg.training
-        self.tokens_per_step = t.seq_len * t.micro_batch_size * t.grad_accum * self.dims.dp
-        if self.dims.cp > 1:
+        self.tokens_per_step = t.seq_len * t.micro_batch_size * t.grad_accum * dims.dp
+        if dims.cp > 1:
             log.info(
                 "context parallelism active: %s cp=%d (ring=%d x ulysses=%d), %s layout, %d tokens/rank",
                 cfg.parallel.cp_strategy,
-                self.dims.cp,
-                self.dims.ring,
-                self.dims.ulysses,
+                dims.cp,
+                dims.ring,
+                dims.ulysses,
                 cfg.parallel.cp_layout,
-                cfg.training.seq_len // self.dims.cp,
+                t.seq_len // dims.cp,
             )
 
-        layout = {k: getattr(self.dims, k) for k in ("pp", "dp_replicate", "dp_shard", "cp", "ulysses", "tp")}
-        layout["engine"] = cfg.parallel.engine
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.out, layout=layout, model_config=self.hf_config)
-        self.tokenizer = load_tokenizer(cfg)
-        self.model = self._build_model()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ds = None  # parallel.engine=deepspeed: the engine owns reduction, clipping, step, checkpoints
-        if cfg.parallel.engine == "deepspeed":
-            from trainer.ds_engine import DeepSpeedRunner
-
-            self.ds = DeepSpeedRunner(cfg, self.model, self.mesh, self.device, self.checkpointer)
-            self.optimizer, self.checkpointer = self.ds.optimizer, self.ds.checkpointer
-        else:
-            self.optimizer = build_optimizer(self.params, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.training.steps)
-        self.loader = build_dataloader(cfg, self.tokenizer, self.dp_rank, self.dp_size, rank=self.rank)
-        self.step = 0
-        self.skipped_steps = 0
-        self.history: list[dict] = []  # per-step metrics of this process (tests and notebooks read it)
-        self.stop = StopSignal()
-
-    # ---- construction ---------------------------------------------------------------------------
-    def _build_model(self) -> CausalLMStage:
+    def _build_stage(self) -> CausalLMStage:
+        """This rank's pipeline stage of the model, unsharded (the engine shards it)."""
         cfg = self.cfg
         # fp32 master weights; FSDP's mixed-precision policy casts to model.dtype for compute.
         try:
@@ -168,37 +162,30 @@ class Trainer:
             raise ModelLoadError(f"{where}: could not build the model: {one_line(exc)}") from None
         if self.device.type == "cuda":
             hf = hf.to(self.device)
-        first, last = split_layers(self.hf_config.num_hidden_layers, self.dims.pp)[
-            self.pp_mesh.get_local_rank()
-        ]
+        stage_index = sub_mesh(self.mesh, "pp").get_local_rank()
+        first, last = split_layers(self.hf_config.num_hidden_layers, self.dims.pp)[stage_index]
         stage = CausalLMStage(hf, first, last, loss_chunk=cfg.training.loss_chunk)
         del hf  # layers of other pipeline stages are freed with it
         stage.doc_mask = cfg.data.doc_mask
-        if cfg.parallel.engine == "deepspeed":  # CP and memory switches only: ZeRO wraps the stage later
-            from trainer.ds_engine import parallelize_for_deepspeed
-
-            parallelize_for_deepspeed(stage, self.mesh, self.dims, cfg)
-        else:
-            self.family.parallelize(stage, self.mesh, self.dims, cfg)
-        stage.train()
-        self.pipeline = None
-        if self.dims.pp > 1:
-            micro = cfg.parallel.pp_microbatches or cfg.training.grad_accum * cfg.training.micro_batch_size
-            per_step = cfg.training.grad_accum * cfg.training.micro_batch_size
-            self.pipeline = Pipeline(
-                stage,
-                self.pp_mesh,
-                self.device,
-                micro,
-                cfg.parallel.pp_schedule,
-                microbatch_shape=(per_step // micro, cfg.training.seq_len // self.dims.cp),
-                hidden_size=self.hf_config.hidden_size,
-                dtype=DTYPES[cfg.model.dtype],
-                hidden_seq=cfg.training.seq_len
-                // self.dims.cp
-                // (self.dims.tp if cfg.parallel.sequence_parallel else 1),
-            )
         return stage
+
+    def _engine_context(self) -> EngineContext:
+        return EngineContext(self.mesh, self.dims, self.device, self.family.parallelize)
+
+    def _build_checkpointer(self) -> Checkpointer:
+        layout = {k: getattr(self.dims, k) for k in ("pp", "dp_replicate", "dp_shard", "cp", "ulysses", "tp")}
+        layout["engine"] = self.engine.name
+        return Checkpointer(
+            self.cfg.checkpoint,
+            self.out,
+            layout=layout,
+            model_config=self.hf_config,
+            native=self.engine.native_checkpoint,
+        )
+
+    @property
+    def groups(self):
+        return self.engine.groups
 
     # ---- one optimizer step ---------------------------------------------------------------------
     def _micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], float]:
@@ -207,46 +194,45 @@ class Trainer:
         return batches, time.perf_counter() - t0
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
-        if self.ds is not None:
-            loss, norm, skipped = self.ds.train_step(batches, self.step, self.skipped_steps)
-        else:
-            loss, norm, skipped = fsdp2_step(
-                self.model,
-                self.params,
-                self.optimizer,
-                batches,
-                self.groups,
-                self.cfg,
-                self.device,
-                self.step,
-                self.skipped_steps,
-                self.pipeline,
-            )
-        self.skipped_steps += int(skipped)
+        result = self.engine.step(batches, self.step, self.skipped_steps)
+        self.skipped_steps += int(result.skipped)
         self.scheduler.step()
-        return StepResult(loss, norm, self.tokens_per_step, skipped)
+        return result
 
     # ---- checkpoints ------------------------------------------------------------------------------
-    def _extra_state(self) -> dict:
+    def checkpoint_entries(self) -> dict:
+        """The run's DCP entries: the engine's (model, optimizer), the step, scheduler and counters, and
+        each rank's data position and RNG states."""
         return {
-            "data": self.loader.state_dict(),
-            "rng": capture_rng_state(),
-            "skipped_steps": self.skipped_steps,
+            **self.engine.checkpoint_entries(),
+            "train": train_state(
+                lambda: self.step,
+                self.scheduler,
+                lambda: {"skipped_steps": self.skipped_steps},
+                self._put_counters,
+            ),
+            "rank": JsonState(self._rank_state, self._put_rank_state, per_rank=True),
         }
 
+    def _rank_state(self) -> dict:
+        return {"data": self.loader.state_dict(), "rng": capture_rng_state()}
+
+    def _put_rank_state(self, sd: dict) -> None:
+        self.loader.load_state_dict(sd["data"])
+        if self.checkpointer.saved_layout.get("world_size") == self.world and "rng" in sd:
+            restore_rng_state(sd["rng"])  # another world size: the RNG streams do not map to ranks
+
+    def _put_counters(self, sd: dict) -> None:
+        self.skipped_steps = sd.get("skipped_steps", 0)
+
     def save(self) -> None:
-        self.checkpointer.save(self.step, [self.model], self.optimizer, self.scheduler, self._extra_state())
+        self.checkpointer.save_state(self.step, self.checkpoint_entries())
 
     def resume(self) -> None:
-        found = self.checkpointer.maybe_resume([self.model], self.optimizer, self.scheduler)
-        if found is None:
+        step = self.checkpointer.resume(self.checkpoint_entries())
+        if step is None:
             return
-        self.step, extra = found
-        self.loader.load_state_dict(extra["data"])
-        same_world = (self.checkpointer.saved_layout or {}).get("world_size", self.world) == self.world
-        if same_world and "rng" in extra:
-            restore_rng_state(extra["rng"])
-        self.skipped_steps = extra.get("skipped_steps", 0)
+        self.step = step
         log.info("resumed from step %d", self.step)
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -280,7 +266,7 @@ class Trainer:
                     "loss": result.loss,
                     "grad_norm": result.grad_norm,
                     "lr": self.scheduler.get_last_lr()[0],
-                    "tokens": result.tokens,
+                    "tokens": self.tokens_per_step,
                     "step_time_s": time.perf_counter() - t0,
                     "data_time_s": data_time,
                     "peak_mem_gib": (
@@ -302,13 +288,9 @@ class Trainer:
                     return last
             self.save()
             self.checkpointer.wait()
-            if cfg.checkpoint.export_hf and self.ds is not None:
-                self.ds.export_hf(
+            if cfg.checkpoint.export_hf:
+                self.engine.export_hf(
                     self.hf_config, self.tokenizer, self.out / "hf", cfg.checkpoint.export_dtype
-                )
-            elif cfg.checkpoint.export_hf:
-                export_hf(
-                    [self.model], self.hf_config, self.tokenizer, self.out / "hf", cfg.checkpoint.export_dtype
                 )
             metrics.summary({"final_step": self.step, "final_loss": last.get("loss")})
         finally:
