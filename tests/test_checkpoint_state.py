@@ -25,14 +25,15 @@ def _cfg(**kw):
     return SimpleNamespace(**{"interval": 0, "keep": 3, "resume": "auto", "async_save": False, **kw})
 
 
-def _build(seed: int = 0):
+def _build(seed: int = 0, steps: int = 1):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    model(torch.randn(4, 6)).sum().backward()
-    opt.step()
-    sched.step()
+    for _ in range(steps):
+        model(torch.randn(4, 6)).sum().backward()
+        opt.step()
+        sched.step()
     return model, opt, sched
 
 
@@ -63,7 +64,7 @@ def test_json_codec_round_trips_tensors_and_rng():
 
 
 def test_resume_reads_no_pickle_and_keeps_all_state(tmp_path, monkeypatch):
-    model, opt, sched = _build()
+    model, opt, sched = _build(steps=3)
     extra = {"data": {"epoch": 2, "offset": 7}, "rng": capture_rng_state(), "skipped_steps": 1}
     Checkpointer(_cfg(), tmp_path).save(4, [model], opt, sched, extra)
     step_dir = tmp_path / "checkpoints" / "step_00000004"
@@ -78,6 +79,9 @@ def test_resume_reads_no_pickle_and_keeps_all_state(tmp_path, monkeypatch):
     assert step == 4 and got["data"] == extra["data"] and got["skipped_steps"] == 1
     assert all(torch.equal(v, want[k]) for k, v in other.state_dict().items())
     assert osched.state_dict() == sched.state_dict()
+    # the optimizer's hyper-parameters (non-tensor leaves, read weights-only) come back too
+    assert oopt.param_groups[0]["lr"] == opt.param_groups[0]["lr"] != 1e-2 / 2
+    assert oopt.state_dict()["state"][0]["step"] == 3
     assert calls.count(False) == 0
 
 
@@ -94,14 +98,16 @@ def _legacy_checkpoint(root: Path, model, opt, sched, extra: dict) -> Path:
 
 
 def test_older_checkpoint_layout_loads_or_names_the_file(tmp_path, monkeypatch):
-    model, opt, sched = _build()
+    model, opt, sched = _build(steps=3)
     extra = {"data": {"offset": 5}, "rng": capture_rng_state(), "skipped_steps": 2}
     path = _legacy_checkpoint(tmp_path, model, opt, sched, extra)
     other, oopt, osched = _build(seed=1)
     calls = _no_unpickling(monkeypatch)
     step, got = Checkpointer(_cfg(), tmp_path).maybe_resume([other], oopt, osched)
     assert step == 3 and got["data"] == {"offset": 5} and got["skipped_steps"] == 2 and calls
-    assert osched.state_dict() == sched.state_dict()
+    assert (
+        osched.state_dict() == sched.state_dict() and oopt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    )
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
     monkeypatch.undo()
 

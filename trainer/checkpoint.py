@@ -418,7 +418,8 @@ class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
     by the caller (one level: "<entry>.<key>", as DCP's own flattening names them on save)."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+        # original_state_dict: the caller's dict (the planner's own may be a copy with sharded tensors split)
+        self.original_state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
 
 
 def _read_legacy(path: Path, same_world: bool) -> dict[str, dict]:
