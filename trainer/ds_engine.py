@@ -28,7 +28,7 @@ from parallel.cp.sharding import shard_batch
 from parallel.dims import ConfigError, ParallelDims, sub_mesh
 from trainer.checkpoint import CheckpointError, _agreed, _rank, _world
 from trainer.ds_config import build_ds_config
-from trainer.loss import count_valid, mean_loss, skip_nonfinite
+from trainer.loss import agree_step, count_valid, loss_scale, skip_nonfinite
 from trainer.optim import build_optimizer
 from trainer.step import StepGroups, StepResult
 
@@ -187,8 +187,7 @@ class DeepSpeedEngine:
         """
         cfg = self.cfg
         g = self.groups
-        global_valid = count_valid(batches, g.dp_group, self.device)
-        self.stage.loss_scale = g.fsdp_size / max(global_valid, 1)
+        self.stage.loss_scale = loss_scale(count_valid(batches, g.dp_group, self.device), g.fsdp_size)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in batches:
             b = shard_batch(batch, g.cp_size, g.cp_rank, cfg.parallel.cp_layout, self.device)
@@ -196,20 +195,11 @@ class DeepSpeedEngine:
             self.engine.backward(loss, scale_wrt_gas=False)
             self.engine.step()  # DeepSpeed only reduces and updates at the accumulation boundary
             loss_sum += loss.detach().double()
-        loss_value = mean_loss(loss_sum, g.fsdp_size, g.dp_cp_group)
         norm = self.engine.get_global_grad_norm()
-        grad_norm = float("nan") if norm is None else float(norm)
+        values = agree_step(loss_sum, float("nan") if norm is None else norm, g.fsdp_size, g.counts_loss)
         # DeepSpeed has already discarded the update of a non-finite step; only the decision is ours.
-        skipped = skip_nonfinite(
-            loss_sum.item(),
-            loss_value,
-            grad_norm,
-            step + 1,
-            skipped_so_far,
-            cfg.training.skip_nonfinite,
-            self.device,
-        )
-        return StepResult(loss_value, grad_norm, skipped)
+        skipped = skip_nonfinite(values, step + 1, skipped_so_far, cfg.training.skip_nonfinite)
+        return StepResult(values.loss, values.grad_norm, skipped)
 
     # ---- HF export --------------------------------------------------------------------------------
     def export_hf(self, hf_config: Any, tokenizer: Any, out_dir: str | os.PathLike, dtype: str) -> Path:

@@ -9,6 +9,7 @@ exact global mean whatever the layout - CP=N equals CP=1 to rounding.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -20,55 +21,70 @@ log = logging.getLogger("longctx")
 
 def count_valid(
     batches: list[dict[str, torch.Tensor]], dp_group: dist.ProcessGroup | None, device: torch.device
-) -> int:
-    """Valid (label != -100) tokens of the global batch. Every dp rank counts its full sequences."""
-    n = torch.tensor(
-        [sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)], dtype=torch.float64, device=device
-    )
+) -> torch.Tensor:
+    """Valid (label != -100) tokens of the global batch, as a float64 tensor on `device` (no host read:
+    the loss scale derived from it stays on the device). Every dp rank counts its full sequences."""
+    local = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)
+    n = torch.as_tensor(local, dtype=torch.float64).to(device).reshape(1)
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(n, group=dp_group)
-    return int(n.item())
+    return n[0]
 
 
-def mean_loss(local_sum: torch.Tensor, fsdp_size: int, *groups: dist.ProcessGroup | None) -> float:
-    """The step's loss from each rank's share local_sum * fsdp_size / global_valid: summed over the
-    groups (dp x cp, and pp where only the last stage has a loss), divided by fsdp_size."""
-    total = local_sum.detach().clone()
-    for group in groups:
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(total, group=group)
-    return (total / fsdp_size).item()
+def loss_scale(global_valid: torch.Tensor, fsdp_size: int) -> torch.Tensor:
+    """What each rank multiplies its token-loss sum by: fsdp_size / global valid tokens."""
+    return fsdp_size / global_valid.clamp(min=1)
+
+
+@dataclass
+class StepValues:
+    """The host-side numbers of one step, read in one go (see `agree_step`)."""
+
+    loss: float
+    grad_norm: float
+    bad_ranks: list[int]  # ranks whose own loss share was non-finite
+
+    @property
+    def finite(self) -> bool:
+        return not self.bad_ranks and _finite(self.loss) and _finite(self.grad_norm)
+
+
+def agree_step(
+    local_sum: torch.Tensor, grad_norm: torch.Tensor | float, fsdp_size: int, counts_loss: bool
+) -> StepValues:
+    """Collective over all ranks; the step's only host read. One all-reduce of [loss share, one flag per
+    rank] gives the global loss (summed over dp x cp and the pipeline's last stage; `counts_loss` is
+    False on tensor-parallel replicas, which hold the same share) and the ranks whose own share was
+    non-finite; the (already global) grad norm travels with it to the host."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    share = local_sum.detach().double().reshape(())
+    vec = torch.zeros(world + 1, dtype=torch.float64, device=share.device)
+    vec[0] = share if counts_loss else torch.where(share.isfinite(), 0.0, share)
+    vec[1 + rank] = (~share.isfinite()).double()
+    dist.all_reduce(vec)
+    norm = torch.as_tensor(grad_norm, dtype=torch.float64).to(share.device).reshape(1)
+    values = torch.cat([vec, norm]).tolist()
+    bad = [r for r in range(world) if values[1 + r]]
+    return StepValues(values[0] / fsdp_size, values[-1], bad)
 
 
 def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
 
 
-def skip_nonfinite(
-    local_loss: float,
-    loss: float,
-    grad_norm: float,
-    step: int,
-    skipped: int,
-    limit: int,
-    device: torch.device,
-) -> bool:
-    """Collective. False if the step is finite; True if it must be skipped. Raises NonFiniteError, naming the
-    step and the ranks whose own loss share was non-finite (every rank when only the global values are),
-    once `limit` steps have been skipped."""
-    flag = torch.tensor([float(_finite(local_loss))], device=device)
-    flags = [torch.zeros_like(flag) for _ in range(dist.get_world_size())]
-    dist.all_gather(flags, flag)
-    bad = [r for r, f in enumerate(flags) if f.item() == 0]
-    if not bad and _finite(loss) and _finite(grad_norm):
+def skip_nonfinite(values: StepValues, step: int, skipped: int, limit: int) -> bool:
+    """False if the step is finite; True if it must be skipped. Raises NonFiniteError, naming the step and
+    the ranks whose own loss share was non-finite (every rank when only the global values are), once
+    `limit` steps have been skipped. Host-only: every rank decides alike from the agreed values."""
+    if values.finite:
         return False
-    ranks = bad or list(range(len(flags)))
+    ranks = values.bad_ranks or list(range(dist.get_world_size()))
     if skipped >= limit:
         from trainer.errors import NonFiniteError  # errors imports the checkpoint and data stacks
 
         raise NonFiniteError(
-            f"non-finite loss or grad norm at step {step} on rank(s) {ranks} (loss {loss}, grad_norm "
-            f"{grad_norm}); training.skip_nonfinite={limit} skips exhausted"
+            f"non-finite loss or grad norm at step {step} on rank(s) {ranks} (loss {values.loss}, grad_norm "
+            f"{values.grad_norm}); training.skip_nonfinite={limit} skips exhausted"
         )
     log.warning("skipping step %d: non-finite loss/grad norm on rank(s) %s", step, ranks)
     return True
@@ -108,7 +124,8 @@ def global_grad_norm(
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
-    if max_norm > 0 and torch.isfinite(total_norm):
+    """Scale gradients to `max_norm` at most; call only for a finite norm (the step's agreed values say)."""
+    if max_norm > 0:
         coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
         for p in params:
             if p.grad is not None:

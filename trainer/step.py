@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from parallel.cp.sharding import shard_batch
 from parallel.dims import sub_mesh, sub_rank_and_size
-from trainer.loss import clip_gradients, count_valid, global_grad_norm, mean_loss, skip_nonfinite
+from trainer.loss import agree_step, clip_gradients, count_valid, global_grad_norm, loss_scale, skip_nonfinite
 
 
 @dataclass
@@ -35,12 +35,14 @@ class StepGroups:
     fsdp_size: int
     cp_rank: int
     cp_size: int
+    counts_loss: bool  # False on tensor-parallel replicas: their loss share is tp rank 0's
 
     @classmethod
     def from_mesh(cls, mesh: Any) -> StepGroups:
         dp_cp_group = sub_mesh(mesh, "dp_cp").get_group()
         cp_rank, cp_size = sub_rank_and_size(mesh, "cp")
         _, pp_size = sub_rank_and_size(mesh, "pp")
+        tp_rank, _ = sub_rank_and_size(mesh, "tp")
         return cls(
             dp_group=sub_mesh(mesh, "dp").get_group(),
             dp_cp_group=dp_cp_group,
@@ -48,6 +50,7 @@ class StepGroups:
             fsdp_size=dist.get_world_size(dp_cp_group),
             cp_rank=cp_rank,
             cp_size=cp_size,
+            counts_loss=tp_rank == 0,
         )
 
 
@@ -63,11 +66,11 @@ def fsdp2_step(
     skipped_so_far: int,
     pipeline: Any = None,
 ) -> StepResult:
-    """One step; `step` is the 0-based index of this step.
+    """One step; `step` is the 0-based index of this step. The host waits for the device once, after
+    backward: the loss, the non-finite flags and the grad norm come back together (`agree_step`).
 
     Raises NonFiniteError when the loss or grad norm is NaN/inf and training.skip_nonfinite is used up."""
-    global_valid = count_valid(batches, groups.dp_group, device)
-    model.loss_scale = groups.fsdp_size / max(global_valid, 1)
+    model.loss_scale = loss_scale(count_valid(batches, groups.dp_group, device), groups.fsdp_size)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     layout = cfg.parallel.cp_layout
     shards = [shard_batch(b, groups.cp_size, groups.cp_rank, layout, device) for b in batches]
@@ -81,19 +84,11 @@ def fsdp2_step(
             loss = model(b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"])
             loss.backward()
             loss_sum += loss.detach().double().sum()
-    loss_value = mean_loss(loss_sum, groups.fsdp_size, groups.dp_cp_group, groups.pp_group)
     grad_norm = global_grad_norm(params, groups.pp_group, device)
-    skipped = skip_nonfinite(
-        loss_sum.item(),
-        loss_value,
-        grad_norm.item(),
-        step + 1,
-        skipped_so_far,
-        cfg.training.skip_nonfinite,
-        device,
-    )
+    values = agree_step(loss_sum, grad_norm, groups.fsdp_size, groups.counts_loss)
+    skipped = skip_nonfinite(values, step + 1, skipped_so_far, cfg.training.skip_nonfinite)
     if not skipped:
         clip_gradients(params, cfg.training.max_grad_norm, grad_norm)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_value, grad_norm.item(), skipped)
+    return StepResult(values.loss, values.grad_norm, skipped)
