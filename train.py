@@ -17,6 +17,7 @@ def run(cfg, flags) -> int:
         return 0
     from trainer import distributed
     from trainer.errors import USER_ERRORS, one_line
+    from trainer.signals import exit_interrupted
     from trainer.trainer import Trainer
 
     try:
@@ -24,6 +25,8 @@ def run(cfg, flags) -> int:
     except USER_ERRORS as exc:  # bad data, checkpoint, path, non-finite loss: one line, no traceback
         sys.stderr.write(f"error: {one_line(exc)}\n")
         return 1
+    except KeyboardInterrupt:
+        exit_interrupted()
     except Exception:
         distributed.exit_if_peers_wait()
         raise

@@ -4,12 +4,10 @@ engine that shards and steps it (trainer/engine), data (trainer/data), checkpoin
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from models.causal_lm import CausalLMStage, split_layers
 from models.registry import DTYPES, build_hf_model, check_supported, family_of, head_dim_of, load_hf_config
@@ -26,27 +24,10 @@ from trainer.errors import ModelLoadError, one_line
 from trainer.logging_utils import setup_logging
 from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
 from trainer.optim import build_scheduler
+from trainer.signals import StopSignal
 from trainer.step import StepResult
 
 log = logging.getLogger("longctx")
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 (Slurm preemption) set a flag; the loop saves and exits after the current step."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def agreed(self, device: torch.device) -> bool:
-        """Collective: stop if any rank got a signal (ranks must leave the loop at the same step)."""
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 class Trainer:
@@ -65,7 +46,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.history: list[dict] = []  # per-step metrics of this process (tests and notebooks read it)
-        self.stop = StopSignal()
+        self.stop = StopSignal(self.rank)
 
     # ---- construction ---------------------------------------------------------------------------
     def _start(self) -> None:
@@ -235,10 +216,27 @@ class Trainer:
         self.step = step
         log.info("resumed from step %d", self.step)
 
+    def _already_complete(self) -> None:
+        """A re-run of a finished run: nothing to train, and its summary, export and metrics stay."""
+        t = self.cfg.training
+        where = "already holds" if self.step == t.steps else f"is past training.steps={t.steps}:"
+        log.warning(
+            "run complete: %s %s step %d. To train further, raise training.steps (e.g. training.steps=%d "
+            "continues from step %d); to start over, use a new output_dir",
+            self.out,
+            where,
+            self.step,
+            max(self.step, t.steps) * 2,
+            self.step,
+        )
+
     # ---- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg = self.cfg
         self.resume()
+        if self.step >= cfg.training.steps and self.step > 0:
+            self._already_complete()
+            return {}
         metrics = MetricsLogger(
             cfg,
             self.out,
@@ -282,7 +280,7 @@ class Trainer:
                 if interval and self.step % interval == 0 and self.step < cfg.training.steps:
                     self.save()
                 if self.stop.agreed(self.device):
-                    log.info("signal %s received: saving step %d and exiting", self.stop.received, self.step)
+                    log.info("%s received: saving step %d and exiting", self.stop.name, self.step)
                     self.save()
                     self.checkpointer.wait()
                     return last
