@@ -279,4 +279,3 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     step, extra = Checkpointer(_cfg(), tmp_path).maybe_resume([model], opt, sched)
     assert step == 1 and extra == {"k": 1}
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
-
