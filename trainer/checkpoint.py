@@ -14,7 +14,6 @@ directory, so a crash mid-save never leaves something that looks resumable.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -25,22 +24,22 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.planner import ReadItem
 
 from trainer.checkpoint_state import (
     CheckpointError,
     JsonState,
+    WeightsOnlyLoadPlanner,
     capture_rng_state,
+    check_shapes,
+    read_legacy,
     restore_rng_state,
     run_entries,
 )
+from trainer.checkpoint_state import first_line as _first_line
 
 __all__ = [
     "MARKER",
@@ -55,14 +54,6 @@ logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
 _STEP_DIR = re.compile(r"^step_(\d+)(\.tmp)?$")
-# Files of checkpoints written before the small state moved into the DCP save (read without unpickling
-# code: weights_only, with numpy's RNG array allowed).
-_LEGACY_TRAIN, _LEGACY_RANK = "train_state.pt", "extra_rank{}.pt"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _rank() -> int:
@@ -235,6 +226,15 @@ class Checkpointer:
             raise CheckpointError(err)
         return path
 
+    def step_of(self, path: Path) -> int:
+        """Collective. The step a complete checkpoint holds, from its marker as rank 0 reads it."""
+        step = _agreed(
+            lambda: int(json.loads((path / MARKER).read_text())["step"]),
+            f"checkpoint {path} has no readable {MARKER}",
+            rank0_only=True,
+        )
+        return _broadcast(step)
+
     # ---- save ------------------------------------------------------------------------------------
     def save_state(self, step: int, entries: dict[str, Any]) -> Path:
         """Collective. Writes step_<N>.tmp, then (after all ranks finish) marks it complete and renames it.
@@ -366,7 +366,7 @@ class Checkpointer:
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"checkpoint {path} is corrupt or incomplete: {_first_line(exc)}") from None
         same_world = marker.get("world_size") == _world()
-        legacy = None if "train.json" in saved_md else _read_legacy(path, same_world)
+        legacy = None if "train.json" in saved_md else read_legacy(path, same_world)
         state: dict[str, Any] = {}
         for name, entry in entries.items():
             if not isinstance(entry, JsonState):
@@ -376,13 +376,13 @@ class Checkpointer:
                 if target is None:
                     raise CheckpointError(f"checkpoint {path} has no '{name}' state (saved by another run?)")
                 state[name] = target
-        _check_shapes(path, state, saved_md)
+        check_shapes(path, state, saved_md)
         flat = {f"{name}.{key}": value for name, values in state.items() for key, value in values.items()}
         try:
             dcp.load(
                 flat,
                 checkpoint_id=str(path),
-                planner=_WeightsOnlyLoadPlanner(flatten_state_dict=False),
+                planner=WeightsOnlyLoadPlanner(flatten_state_dict=False),
                 no_dist=not dist.is_initialized(),
             )
         except Exception as exc:  # noqa: BLE001
@@ -400,61 +400,3 @@ class Checkpointer:
             "resumed from %s (step %d, saved on %s ranks)", path, marker["step"], marker["world_size"]
         )
         return int(marker["step"])
-
-    def load(
-        self, path: str | os.PathLike, model_parts: list[nn.Module], optimizer: Any, scheduler: Any
-    ) -> tuple[int, dict]:
-        """Collective. `load_state` of the standard entries from one directory: (step, extra_state)."""
-        got: dict = {}
-        step = self.load_state(
-            path, run_entries(model_parts, optimizer, scheduler, lambda: 0, dict, got.update)
-        )
-        return step, got
-
-
-class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-    """DCP stores non-tensor leaves (the optimizer's hyper-parameters) as pickles and reads them back
-    unrestricted; these are plain numbers and tuples, so read them as weights only. Entries are flattened
-    by the caller (one level: "<entry>.<key>", as DCP's own flattening names them on save)."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        # original_state_dict: the caller's dict (the planner's own may be a copy with sharded tensors split)
-        self.original_state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
-
-
-def _read_legacy(path: Path, same_world: bool) -> dict[str, dict]:
-    """The "train" and "rank" entries of a checkpoint written before they moved into the DCP save: rank 0's
-    train_state.pt (step, schedulers) and extra_rank<R>.pt (data, RNG, counters), read as weights only."""
-    from numpy._core.multiarray import _reconstruct
-
-    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    files = [path / _LEGACY_TRAIN, path / _LEGACY_RANK.format(_rank() if same_world else 0)]
-    loaded = []
-    for file in files:
-        try:
-            with torch.serialization.safe_globals(allowed):
-                loaded.append(torch.load(file, weights_only=True))
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(
-                f"checkpoint {path}: cannot read {file.name} (the older checkpoint layout): {_first_line(exc)}"
-            ) from None
-    train, extra = loaded
-    return {"train": {**extra, **train}, "rank": extra}
-
-
-def _check_shapes(path: Path, state: dict[str, dict], saved_md: dict) -> None:
-    """Name the first key that is missing or has another global shape (DCP's own error is vaguer)."""
-    for section, values in state.items():
-        for key, value in values.items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            saved = saved_md.get(f"{section}.{key}")
-            if saved is None:
-                raise CheckpointError(
-                    f"checkpoint {path} has no entry for '{key}' (saved from another model?)"
-                )
-            if isinstance(saved, TensorStorageMetadata) and tuple(saved.size) != tuple(value.shape):
-                raise CheckpointError(
-                    f"checkpoint {path} does not match the model: '{key}' is {list(saved.size)} in the "
-                    f"checkpoint but {list(value.shape)} in the model"
-                )

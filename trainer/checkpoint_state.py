@@ -10,15 +10,20 @@ world size every rank loads rank 0's (as the loader's own `load_state_dict` then
 from __future__ import annotations
 
 import base64
+import io
 import json
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -217,3 +222,62 @@ def train_state(
             restore(sd)
 
     return JsonState(get, put)
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+# Files of checkpoints written before the small state moved into the DCP save (read without unpickling
+# code: weights_only, with numpy's RNG array allowed).
+_LEGACY_TRAIN, _LEGACY_RANK = "train_state.pt", "extra_rank{}.pt"
+
+
+class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP stores non-tensor leaves (the optimizer's hyper-parameters) as pickles and reads them back
+    unrestricted; these are plain numbers and tuples, so read them as weights only. Entries are flattened
+    by the caller (one level: "<entry>.<key>", as DCP's own flattening names them on save)."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        # original_state_dict: the caller's dict (the planner's own may be a copy with sharded tensors split)
+        self.original_state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+
+def read_legacy(path: Path, same_world: bool) -> dict[str, dict]:
+    """The "train" and "rank" entries of a checkpoint written before they moved into the DCP save: rank 0's
+    train_state.pt (step, schedulers) and extra_rank<R>.pt (data, RNG, counters), read as weights only."""
+    from numpy._core.multiarray import _reconstruct
+
+    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    files = [path / _LEGACY_TRAIN, path / _LEGACY_RANK.format(_rank() if same_world else 0)]
+    loaded = []
+    for file in files:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                loaded.append(torch.load(file, weights_only=True))
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(
+                f"checkpoint {path}: cannot read {file.name} (the older checkpoint layout): {first_line(exc)}"
+            ) from None
+    train, extra = loaded
+    return {"train": {**extra, **train}, "rank": extra}
+
+
+def check_shapes(path: Path, state: dict[str, dict], saved_md: dict) -> None:
+    """Name the first key that is missing or has another global shape (DCP's own error is vaguer)."""
+    for section, values in state.items():
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            saved = saved_md.get(f"{section}.{key}")
+            if saved is None:
+                raise CheckpointError(
+                    f"checkpoint {path} has no entry for '{key}' (saved from another model?)"
+                )
+            if isinstance(saved, TensorStorageMetadata) and tuple(saved.size) != tuple(value.shape):
+                raise CheckpointError(
+                    f"checkpoint {path} does not match the model: '{key}' is {list(saved.size)} in the "
+                    f"checkpoint but {list(value.shape)} in the model"
+                )

@@ -209,33 +209,38 @@ class Trainer:
     def save(self) -> None:
         self.checkpointer.save_state(self.step, self.checkpoint_entries())
 
-    def resume(self) -> None:
-        step = self.checkpointer.resume(self.checkpoint_entries())
-        if step is None:
-            return
-        self.step = step
+    def resume(self) -> bool:
+        """Load the checkpoint `checkpoint.resume` names, if any; False when it already is at (or past)
+        training.steps: then nothing is loaded and nothing is left to train."""
+        path = self.checkpointer.find_resume()
+        if path is None:
+            return True
+        saved_step = self.checkpointer.step_of(path)
+        if saved_step >= self.cfg.training.steps:
+            self._already_complete(saved_step)
+            return False
+        self.step = self.checkpointer.load_state(path, self.checkpoint_entries())
         log.info("resumed from step %d", self.step)
+        return True
 
-    def _already_complete(self) -> None:
+    def _already_complete(self, step: int) -> None:
         """A re-run of a finished run: nothing to train, and its summary, export and metrics stay."""
-        t = self.cfg.training
-        where = "already holds" if self.step == t.steps else f"is past training.steps={t.steps}:"
+        steps = self.cfg.training.steps
+        where = "already holds" if step == steps else f"is past training.steps={steps}:"
         log.warning(
             "run complete: %s %s step %d. To train further, raise training.steps (e.g. training.steps=%d "
             "continues from step %d); to start over, use a new output_dir",
             self.out,
             where,
-            self.step,
-            max(self.step, t.steps) * 2,
-            self.step,
+            step,
+            2 * step,
+            step,
         )
 
     # ---- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg = self.cfg
-        self.resume()
-        if self.step >= cfg.training.steps and self.step > 0:
-            self._already_complete()
+        if not self.resume():
             return {}
         metrics = MetricsLogger(
             cfg,
