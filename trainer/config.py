@@ -255,8 +255,7 @@ def load_config(path: str | None, overrides: list[str], world_size: int | None =
         except yaml.YAMLError as exc:
             raise ConfigError(key, f"cannot parse value {text!r}: {_one_line(exc)}") from None
         _set_dotted(raw, key, value)
-        sources.update(dict.fromkeys(_dotted_keys(value, key + "."), COMMAND_LINE))
-        sources[key] = COMMAND_LINE
+        sources.update(dict.fromkeys(_dotted_keys({key: value}), COMMAND_LINE))
     return _typed(raw, sources, world_size)
 
 
@@ -270,12 +269,12 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -
 
 
 def _dotted_keys(value: Any, prefix: str = "") -> list[str]:
+    """The dotted leaf keys of a YAML-shaped dict (sections themselves are not values a user set)."""
     if not isinstance(value, dict):
         return []
     out = []
     for k, v in value.items():
-        out.append(f"{prefix}{k}")
-        out += _dotted_keys(v, f"{prefix}{k}.")
+        out += _dotted_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
     return out
 
 

@@ -6,10 +6,13 @@ import datetime
 import os
 import socket
 import sys
+import time
 import traceback
 
 import torch
 import torch.distributed as dist
+
+PEER_GRACE_S = 1.0
 
 
 def _free_port() -> int:
@@ -79,4 +82,8 @@ def exit_if_peers_wait(message: str | None = None, code: int = 1) -> None:
             sys.stderr.write(message + "\n")
         sys.stdout.flush()
         sys.stderr.flush()
+        if message is not None:
+            # torchrun stops the other ranks as soon as one exits: a moment's grace lets peers that fail
+            # the same (deterministic) check print their own line first.
+            time.sleep(PEER_GRACE_S)
         os._exit(code)
