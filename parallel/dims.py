@@ -97,7 +97,8 @@ class ParallelDims:
         dp = data_parallel_degree(pcfg.dp, pcfg.tp, pcfg.pp, pcfg.cp, world_size)
         ulysses = ulysses_degree(pcfg.cp_strategy, pcfg.cp, pcfg.ulysses)
         if dp % pcfg.dp_replicate:
-            raise ConfigError("parallel.dp_replicate", f"must divide dp={dp}, got {pcfg.dp_replicate}")
+            how = " (inferred: world size / (tp*pp*cp))" if pcfg.dp == -1 else ""
+            raise ConfigError("parallel.dp_replicate", f"must divide dp={dp}{how}, got {pcfg.dp_replicate}")
         return cls(
             dp_replicate=pcfg.dp_replicate,
             dp_shard=dp // pcfg.dp_replicate,

@@ -97,13 +97,16 @@ def check_world_size(cfg: Config, world_size: int) -> None:
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Raise ConfigError (naming the key) for the first value that cannot work; with `world_size`, the
-    world-size product is checked before every other value."""
+    """Raise ConfigError (naming the key) for the first value that cannot work. Values first, then (with
+    `world_size`) the world-size product, then the layout arithmetic: a wrong product is reported before
+    the sequence or Ulysses divisibility it makes meaningless."""
+    _check_values(cfg)
     if world_size is not None:
-        for key in ("parallel.tp", "parallel.pp", "parallel.cp"):
-            if _get(cfg, key) < 1:
-                raise ConfigError(key, f"must be >= 1, got {_get(cfg, key)}")
         check_world_size(cfg, world_size)
+    _check_layout(cfg)
+
+
+def _check_values(cfg: Config) -> None:
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
@@ -119,7 +122,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if _get(cfg, key) < 0:
             raise ConfigError(key, f"must be >= 0, got {_get(cfg, key)}")
 
-    m, p, t, o = cfg.model, cfg.parallel, cfg.training, cfg.optim
+    m, p, o = cfg.model, cfg.parallel, cfg.optim
     if (m.path is None) == (m.config is None):
         raise ConfigError("model", "set exactly one of model.path (pretrained) or model.config (random init)")
     if m.config is not None and m.config.get("model_type") not in MODEL_TYPES:
@@ -127,15 +130,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             "model.config.model_type",
             f"must be one of {' | '.join(MODEL_TYPES)}, got {m.config.get('model_type')!r}",
         )
-    if p.dp != -1 and p.dp < 1:
-        raise ConfigError("parallel.dp", f"must be >= 1 or -1 (infer from world size), got {p.dp}")
-    if p.dp != -1 and p.dp % p.dp_replicate:
-        raise ConfigError("parallel.dp_replicate", f"must divide parallel.dp={p.dp}, got {p.dp_replicate}")
-    if p.cp_strategy == "auto":
-        if p.ulysses != 1:
-            raise ConfigError("parallel.ulysses", "cp_strategy=auto picks the ulysses degree; leave it at 1")
-    elif not p.auto or p.cp_strategy == "hybrid":  # parallel.auto replaces a pure strategy's ulysses
-        ulysses_degree(p.cp_strategy, p.cp, p.ulysses)
     if p.ac_group > 1 and p.activation_checkpointing != "full":
         raise ConfigError(
             "parallel.ac_group",
@@ -144,8 +138,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     if p.device_memory_gib is not None and p.device_memory_gib <= 0:
         raise ConfigError("parallel.device_memory_gib", f"must be > 0, got {p.device_memory_gib}")
-    if not p.auto:  # parallel.auto replaces cp (and checks the new one)
-        check_seq_len(t.seq_len, p.cp, p.tp, p.cp_layout, p.sequence_parallel)
     for key in ("optim.beta1", "optim.beta2"):
         if not 0 <= _get(cfg, key) < 1:
             raise ConfigError(key, f"must be in [0, 1), got {_get(cfg, key)}")
@@ -163,3 +155,18 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.deepspeed.zero_stage not in (1, 2, 3):
         raise ConfigError("deepspeed.zero_stage", f"must be 1 | 2 | 3, got {cfg.deepspeed.zero_stage}")
     validate_engine(cfg)
+
+
+def _check_layout(cfg: Config) -> None:
+    p, t = cfg.parallel, cfg.training
+    if p.dp != -1 and p.dp < 1:
+        raise ConfigError("parallel.dp", f"must be >= 1 or -1 (infer from world size), got {p.dp}")
+    if p.dp != -1 and p.dp % p.dp_replicate:
+        raise ConfigError("parallel.dp_replicate", f"must divide parallel.dp={p.dp}, got {p.dp_replicate}")
+    if p.cp_strategy == "auto":
+        if p.ulysses != 1:
+            raise ConfigError("parallel.ulysses", "cp_strategy=auto picks the ulysses degree; leave it at 1")
+    elif not p.auto or p.cp_strategy == "hybrid":  # parallel.auto replaces a pure strategy's ulysses
+        ulysses_degree(p.cp_strategy, p.cp, p.ulysses)
+    if not p.auto:  # parallel.auto replaces cp (and checks the new one)
+        check_seq_len(t.seq_len, p.cp, p.tp, p.cp_layout, p.sequence_parallel)
