@@ -16,6 +16,7 @@ def run(cfg, flags) -> int:
         preprocess(cfg)
         return 0
     from trainer import distributed
+    from trainer.config import ConfigError
     from trainer.errors import USER_ERRORS, one_line
     from trainer.signals import exit_interrupted
     from trainer.trainer import Trainer
@@ -27,6 +28,9 @@ def run(cfg, flags) -> int:
         return 1
     except KeyboardInterrupt:
         exit_interrupted()
+    except ConfigError as exc:  # found once the process group exists: this rank's line, exit 2
+        distributed.exit_if_peers_wait(f"config error: {exc}", code=2)
+        raise  # alone: cli_main prints it and exits 2
     except Exception:
         distributed.exit_if_peers_wait()
         raise

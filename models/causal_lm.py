@@ -11,8 +11,6 @@ attached from outside (`cp_attention` spec, `ac_layers`, TP/FSDP wrappers).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -20,14 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.loss import chunked_cross_entropy_sum
 from models.offload import HostOffload
-
-
-@dataclass
-class CPSpec:
-    """How attention is split across ranks; `make_context(seq_len, doc_ids)` builds the per-batch context."""
-
-    make_context: Any  # Callable[[int, Tensor | None], CPContext]
-    seq_shards: int  # the factor by which the local sequence is shorter than the full one
+from parallel.cp.spec import CPSpec
 
 
 class CausalLMStage(nn.Module):

@@ -54,7 +54,7 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
         for layer in layers:
             layer.compile(dynamic=False)
         stage.compile_loss = True
-    if getattr(pcfg, "engine", "fsdp2") != "fsdp2":
+    if pcfg.engine != "fsdp2":
         return stage  # another engine (DeepSpeed ZeRO) shards the stage itself
     fsdp_mesh = _hsdp_mesh(mesh) if dims.dp_replicate > 1 else sub_mesh(mesh, "dp_shard_cp")
     apply_fsdp(

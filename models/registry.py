@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from models.attention import register as register_attention
+from parallel.shape import head_dim_of  # noqa: F401  (re-exported for models/ and trainer/ callers)
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,6 @@ def family_of(hf_config: PretrainedConfig) -> ModelFamily:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def head_dim_of(hf_config: PretrainedConfig) -> int:
-    """Per-head width: the config's `head_dim` where it sets one, else hidden_size / heads."""
-    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-
-
 def load_hf_config(path: str | None, inline: dict | None) -> PretrainedConfig:
     """The HF config from a hub id / local dir, or from inline fields (`model_type` selects the class)."""
     if inline is not None:
@@ -67,15 +63,3 @@ def build_hf_model(
         torch.manual_seed(seed)  # identical random init on every rank
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     return model
-
-
-def check_supported(hf_config: PretrainedConfig, seq_len: int) -> None:
-    """Reject model features the CP attention would silently ignore."""
-    window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True) and seq_len > window:
-        raise ValueError(
-            f"model.config.sliding_window: sliding-window attention ({window} tokens) is not supported by longctx "
-            f"attention and training.seq_len={seq_len} exceeds it; set sliding_window: null"
-        )
-    if getattr(hf_config, "attention_dropout", 0.0):
-        raise ValueError("model.config.attention_dropout: longctx attention has no dropout; set it to 0")

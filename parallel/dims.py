@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from parallel.shape import ModelShape
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from trainer.config import ParallelConfig
+    from trainer.config import ParallelConfig  # type only: parallel/ never imports trainer/ at run time
 
 MESH_DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "ring", "ulysses", "tp")
 
@@ -86,58 +88,21 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, pcfg: ParallelConfig, world_size: int) -> ParallelDims:
-        """Resolve the degrees of `pcfg` for `world_size` ranks (dp=-1 inferred) and check they fit."""
-        if world_size < 1:
-            raise ConfigError("WORLD_SIZE", f"must be >= 1, got {world_size}")
+        """Resolve the degrees of `pcfg` for `world_size` ranks (dp=-1 inferred) and check they fit.
+
+        The world-size product is checked first: when it is wrong, no other complaint is relevant yet."""
         for key in ("tp", "pp", "cp", "dp_replicate", "ulysses"):
             if getattr(pcfg, key) < 1:
                 raise ConfigError(f"parallel.{key}", f"must be >= 1, got {getattr(pcfg, key)}")
-        cp, strategy = pcfg.cp, pcfg.cp_strategy
-        if strategy == "ring":
-            if pcfg.ulysses != 1:
-                raise ConfigError(
-                    "parallel.ulysses", "only used with cp_strategy=hybrid (ring uses ulysses=1)"
-                )
-            ulysses = 1
-        elif strategy == "ulysses":
-            if pcfg.ulysses != 1:
-                raise ConfigError(
-                    "parallel.ulysses", "only used with cp_strategy=hybrid (ulysses uses ulysses=cp)"
-                )
-            ulysses = cp
-        elif strategy == "hybrid":
-            ulysses = pcfg.ulysses
-            if not 1 < ulysses < cp or cp % ulysses:
-                raise ConfigError(
-                    "parallel.ulysses",
-                    f"cp_strategy=hybrid needs 1 < ulysses < cp and cp % ulysses == 0 "
-                    f"(got ulysses={ulysses}, cp={cp}); use ring or ulysses for a pure strategy",
-                )
-        else:
-            raise ConfigError("parallel.cp_strategy", f"must be ring | ulysses | hybrid, got {strategy!r}")
-
-        inner = pcfg.tp * pcfg.pp * cp
-        if pcfg.dp == -1:
-            if world_size % inner:
-                raise ConfigError(
-                    "parallel.dp",
-                    f"cannot infer dp: world size {world_size} is not divisible by tp*pp*cp = {inner}",
-                )
-            dp = world_size // inner
-        elif pcfg.dp < 1:
-            raise ConfigError("parallel.dp", f"must be >= 1 or -1 (infer), got {pcfg.dp}")
-        else:
-            dp = pcfg.dp
-            if dp * inner != world_size:
-                raise ConfigError(
-                    "parallel.dp", f"dp*tp*pp*cp = {dp * inner} does not match world size {world_size}"
-                )
+        dp = data_parallel_degree(pcfg.dp, pcfg.tp, pcfg.pp, pcfg.cp, world_size)
+        ulysses = ulysses_degree(pcfg.cp_strategy, pcfg.cp, pcfg.ulysses)
         if dp % pcfg.dp_replicate:
-            raise ConfigError("parallel.dp_replicate", f"must divide dp={dp}, got {pcfg.dp_replicate}")
+            how = " (inferred: world size / (tp*pp*cp))" if pcfg.dp == -1 else ""
+            raise ConfigError("parallel.dp_replicate", f"must divide dp={dp}{how}, got {pcfg.dp_replicate}")
         return cls(
             dp_replicate=pcfg.dp_replicate,
             dp_shard=dp // pcfg.dp_replicate,
-            cp=cp,
+            cp=pcfg.cp,
             tp=pcfg.tp,
             pp=pcfg.pp,
             ulysses=ulysses,
@@ -146,7 +111,7 @@ class ParallelDims:
 
     def validate_model(
         self,
-        hf_config: Any,
+        model: ModelShape | Any,
         seq_len: int,
         sequence_parallel: bool = False,
         strategy: str = "ring",
@@ -154,15 +119,17 @@ class ParallelDims:
     ) -> list[str]:
         """Check the model's shapes against the degrees; return notes worth logging (e.g. KV replication).
 
-        Accepted head layouts: num_attention_heads % (tp * ulysses) == 0, and num_key_value_heads % tp == 0
-        (TP shards KV heads, it never replicates them). The kv heads of one TP rank must then either divide
-        by ulysses, or be fewer than ulysses with ulysses a multiple of them: Ulysses then replicates each kv
-        head to the ranks whose query heads use it.
+        `model` is a ModelShape or a Hugging Face config (read by attribute). Accepted head layouts:
+        num_attention_heads % (tp * ulysses) == 0, and num_key_value_heads % tp == 0 (TP shards KV heads,
+        it never replicates them). The kv heads of one TP rank must then either divide by ulysses, or be
+        fewer than ulysses with ulysses a multiple of them: Ulysses then replicates each kv head to the
+        ranks whose query heads use it. The sequence checks come first, in the order the config checks
+        (trainer/config_checks.py) run them, so every path reports the same first problem.
         """
+        shape = model if isinstance(model, ModelShape) else ModelShape.from_hf(model)
+        check_seq_len(seq_len, self.cp, self.tp, layout, sequence_parallel)
         notes: list[str] = []
-        heads = hf_config.num_attention_heads
-        kv = getattr(hf_config, "num_key_value_heads", None) or heads
-        layers = hf_config.num_hidden_layers
+        heads, kv, layers = shape.heads, shape.kv_heads, shape.layers
         tp, u = self.tp, self.ulysses
         # Under pure Ulysses the degree is parallel.cp itself, so that is the key to change.
         u_key = "parallel.cp" if strategy == "ulysses" else "parallel.ulysses"
@@ -201,23 +168,10 @@ class ParallelDims:
                 )
         if self.pp > layers:
             raise ConfigError("parallel.pp", f"pp={self.pp} exceeds num_hidden_layers={layers}")
-        if self.cp > 1:
-            chunks = 2 * self.cp if layout == "zigzag" else self.cp
-            if seq_len % chunks:
-                what = "2*cp" if layout == "zigzag" else "cp"
-                raise ConfigError(
-                    "training.seq_len",
-                    f"{seq_len} is not divisible by {what} = {chunks} (cp_layout={layout})",
-                )
-        if sequence_parallel and tp > 1 and (seq_len // self.cp) % tp:
-            raise ConfigError(
-                "training.seq_len",
-                f"tokens per cp rank ({seq_len}/{self.cp} = {seq_len // self.cp}) must be divisible by "
-                f"tp={tp} with sequence_parallel",
+        if shape.max_positions and seq_len > shape.max_positions:
+            notes.append(
+                f"seq_len={seq_len} exceeds the model's max_position_embeddings={shape.max_positions}"
             )
-        max_pos = getattr(hf_config, "max_position_embeddings", None)
-        if max_pos and seq_len > max_pos:
-            notes.append(f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}")
         return notes
 
     def coords(self, rank: int) -> dict[str, int]:
@@ -296,11 +250,58 @@ def sub_rank_and_size(mesh: DeviceMesh, name: str) -> tuple[int, int]:
     return sub.get_local_rank(), sub.size()
 
 
-def dp_rank_and_size(mesh: DeviceMesh) -> tuple[int, int]:
-    """Data-parallel rank and degree: which shard of the global batch this rank reads."""
-    return sub_rank_and_size(mesh, "dp")
+def data_parallel_degree(dp: int, tp: int, pp: int, cp: int, world_size: int) -> int:
+    """dp for `world_size` ranks (dp=-1: inferred); a ConfigError when dp*tp*pp*cp cannot be the world."""
+    if world_size < 1:
+        raise ConfigError("WORLD_SIZE", f"must be >= 1, got {world_size}")
+    inner = tp * pp * cp
+    if dp == -1:
+        if world_size % inner:
+            raise ConfigError(
+                "parallel.dp",
+                f"cannot infer dp: world size {world_size} is not divisible by tp*pp*cp = {inner}",
+            )
+        return world_size // inner
+    if dp < 1:
+        raise ConfigError("parallel.dp", f"must be >= 1 or -1 (infer), got {dp}")
+    if dp * inner != world_size:
+        raise ConfigError("parallel.dp", f"dp*tp*pp*cp = {dp * inner} does not match world size {world_size}")
+    return dp
 
 
-def cp_rank_and_size(mesh: DeviceMesh) -> tuple[int, int]:
-    """Context-parallel rank (the zigzag shard index) and degree."""
-    return sub_rank_and_size(mesh, "cp")
+def ulysses_degree(strategy: str, cp: int, ulysses: int) -> int:
+    """The Ulysses degree of a concrete CP strategy: 1 for ring, cp for ulysses, `ulysses` for hybrid."""
+    if strategy == "hybrid":
+        if not 1 < ulysses < cp or cp % ulysses:
+            raise ConfigError(
+                "parallel.ulysses",
+                f"cp_strategy=hybrid needs 1 < ulysses < cp and cp % ulysses == 0 (got ulysses={ulysses}, "
+                f"cp={cp}); use ring or ulysses for a pure strategy",
+            )
+        return ulysses
+    if strategy not in ("ring", "ulysses"):
+        raise ConfigError("parallel.cp_strategy", f"must be ring | ulysses | hybrid, got {strategy!r}")
+    if ulysses != 1:
+        what = "ulysses uses ulysses=cp" if strategy == "ulysses" else "ring uses ulysses=1"
+        raise ConfigError("parallel.ulysses", f"only used with cp_strategy=hybrid ({what}); leave it at 1")
+    return cp if strategy == "ulysses" else 1
+
+
+def check_seq_len(
+    seq_len: int, cp: int, tp: int, layout: str = "zigzag", sequence_parallel: bool = False
+) -> None:
+    """training.seq_len must split into the CP shards (2*cp zigzag chunks) and, with sequence parallel,
+    each CP shard over tp."""
+    if cp > 1:
+        chunks = 2 * cp if layout == "zigzag" else cp
+        if seq_len % chunks:
+            what = "2*cp" if layout == "zigzag" else "cp"
+            raise ConfigError(
+                "training.seq_len", f"{seq_len} is not divisible by {what} = {chunks} (cp_layout={layout})"
+            )
+    if sequence_parallel and tp > 1 and (seq_len // cp) % tp:
+        raise ConfigError(
+            "training.seq_len",
+            f"tokens per cp rank ({seq_len}/{cp} = {seq_len // cp}) must be divisible by "
+            f"tp={tp} with sequence_parallel",
+        )

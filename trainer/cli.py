@@ -16,13 +16,13 @@ from typing import Any
 
 import yaml
 
-from models.registry import head_dim_of
 from parallel.dims import ParallelDims
-from parallel.planner import plan_main, resolve_auto, wants_auto
+from parallel.planner import plan_main
 from trainer.config import Config, ConfigError, config_to_dict, load_config
 from trainer.config_docs import config_fields
+from trainer.layout import RunLayout, check_paths, check_vocab, load_model_config, validate_run
 
-# The embedded default (DESIGN §1): used when --config is not given and the file exists.
+# The embedded default (a tiny model on the shipped corpus): used when --config is not given.
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml"
 )
@@ -118,7 +118,11 @@ def parse_cli(argv: list[str]) -> tuple[Config, CliFlags]:
         calibrate=args.calibrate,
         preprocess=args.preprocess,
     )
-    return load_config(path, flags.overrides), flags
+    # A launch (or its dry run) checks the world-size product first; --plan sizes layouts for WORLD_SIZE
+    # whatever the config's degrees, --preprocess and --calibrate use no layout.
+    launches = not (flags.plan or flags.calibrate or flags.preprocess)
+    world = _env_int("WORLD_SIZE", 1) if launches else None
+    return load_config(path, flags.overrides, world), flags
 
 
 def _env_int(name: str, default: int) -> int:
@@ -129,40 +133,23 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(name, f"environment variable must be an integer, got {value!r}") from None
 
 
-def load_hf_config(cfg: Config) -> Any:
-    """The HF PretrainedConfig of `model.path` or of the inline `model.config` (no weights are loaded)."""
-    from transformers import AutoConfig
-
-    if cfg.model.path is not None:
-        try:
-            return AutoConfig.from_pretrained(cfg.model.path)
-        except Exception as exc:  # noqa: BLE001 - HF raises many types; the user needs one line
-            raise ConfigError("model.path", f"cannot load HF config: {' '.join(str(exc).split())}") from None
-    fields = dict(cfg.model.config or {})
-    model_type = fields.pop("model_type")
-    try:
-        return AutoConfig.for_model(model_type, **fields)
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError("model.config", " ".join(str(exc).split())) from None
-
-
-def _summary(cfg: Config, dims: ParallelDims, hf: Any, notes: list[str]) -> str:
+def _summary(run: RunLayout, notes: list[str]) -> str:
+    cfg, dims, hf, shape = run.cfg, run.dims, run.hf_config, run.shape
     t, p = cfg.training, cfg.parallel
-    heads, kv = hf.num_attention_heads, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-    head_dim = head_dim_of(hf)
     tokens = t.seq_len * t.micro_batch_size * t.grad_accum * dims.dp
     lines = [
         "resolved config:",
         yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(),
         "",
-        f"model: {hf.model_type}, {hf.num_hidden_layers} layers, hidden {hf.hidden_size}, "
-        f"heads {heads} (kv {kv}, head_dim {head_dim})",
+        f"model: {hf.model_type}, {shape.layers} layers, hidden {shape.hidden}, "
+        f"heads {shape.heads} (kv {shape.kv_heads}, head_dim {shape.head_dim})",
         f"mesh: {dims.describe()}",
         f"context parallel: {'on' if dims.cp_enabled else 'off'} (strategy {p.cp_strategy}, layout "
         f"{p.cp_layout}); {t.seq_len // dims.cp} tokens per cp rank",
         f"tokens per optimizer step: {tokens} (seq_len {t.seq_len} x micro_batch {t.micro_batch_size} "
         f"x grad_accum {t.grad_accum} x dp {dims.dp})",
         *(f"note: {n}" for n in notes),
+        *(f"warning: {w}" for w in run.warnings),
         "",
         "rank -> mesh coordinates:",
         dims.rank_table(),
@@ -172,22 +159,33 @@ def _summary(cfg: Config, dims: ParallelDims, hf: Any, notes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _local_tokenizer(cfg: Config) -> Any:
+    """The run's tokenizer when it is a local directory (a hub id is not fetched by a dry run), else None."""
+    from trainer.data import DataError, load_tokenizer
+
+    name = cfg.model.tokenizer or cfg.model.path
+    if not name or not os.path.isdir(name):
+        return None
+    try:
+        return load_tokenizer(cfg)
+    except DataError as exc:
+        key, _, why = str(exc).partition(": ")
+        raise ConfigError(key, why) from None
+
+
 def dry_run(cfg: Config, world_size: int, rank: int = 0) -> ParallelDims:
-    """Validate mesh and model shapes for `world_size` ranks and print the plan on rank 0; no process group."""
-    if wants_auto(cfg):
-        cfg = resolve_auto(cfg, world_size, load_hf_config(cfg))
-    dims = ParallelDims.from_config(cfg.parallel, world_size)
-    hf = load_hf_config(cfg)
-    notes = dims.validate_model(
-        hf,
-        cfg.training.seq_len,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        strategy=cfg.parallel.cp_strategy,
-        layout=cfg.parallel.cp_layout,
-    )
+    """Validate the run for `world_size` ranks as the trainer does (trainer/layout.validate_run), plus the
+    local paths and the tokenizer's size, and print the plan on rank 0; no process group."""
+    unchecked = check_paths(cfg)
+    run = validate_run(cfg, world_size)
+    tokenizer = _local_tokenizer(run.cfg)
+    if tokenizer is None:
+        unchecked.append("tokenizer size vs vocab_size not checked (the tokenizer is not a local directory)")
+    else:
+        check_vocab(run.cfg, run.hf_config, tokenizer)
     if rank == 0:
-        print(_summary(cfg, dims, hf, notes), flush=True)
-    return dims
+        print(_summary(run, run.notes + unchecked), flush=True)
+    return run.dims
 
 
 def calibrate_to(path: str) -> int:
@@ -206,12 +204,9 @@ def calibrate_to(path: str) -> int:
 
 
 def cli_main(argv: list[str], run_fn: Callable[[Config, CliFlags], Any]) -> Any:
-    """Parse argv, then dry-run or call `run_fn(cfg, flags)`; a ConfigError exits 2 with one stderr line.
-
-    Errors from parsing and the dry run are identical on every rank, so only rank 0 prints them; errors
-    raised inside `run_fn` may be rank-specific (a path one node can't see), so every rank prints its own.
-    """
-    rank = 0
+    """Parse argv, then dry-run, plan or call `run_fn(cfg, flags)`; a ConfigError from any of them exits 2
+    with one stderr line `config error: <key>: <why>` on every rank (under torchrun, one line per rank:
+    a rank-specific error, such as a path one node cannot see, is then reported where it happened)."""
     try:
         rank = _env_int("RANK", 0)
         cfg, flags = parse_cli(argv)
@@ -220,14 +215,9 @@ def cli_main(argv: list[str], run_fn: Callable[[Config, CliFlags], Any]) -> Any:
             return 0
         if flags.plan:
             if rank == 0:
-                plan_main(cfg, _env_int("WORLD_SIZE", 1), load_hf_config(cfg))
+                plan_main(cfg, _env_int("WORLD_SIZE", 1), load_model_config(cfg))
             return 0
-    except ConfigError as exc:
-        if rank == 0:
-            sys.stderr.write(f"config error: {exc}\n")
-        raise SystemExit(2) from None
-    try:
-        if flags.calibrate:  # (a path one node can't use fails there: every rank reports its own)
+        if flags.calibrate:
             return calibrate_to(flags.calibrate)
         return run_fn(cfg, flags)
     except ConfigError as exc:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from parallel.dims import ConfigError  # defined there so parallel/ needn't import trainer/
-from trainer.config_checks import MODEL_TYPES, validate  # noqa: F401  (re-exported)
+from trainer.config_checks import COMMAND_LINE, MODEL_TYPES, validate, value_source  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -235,11 +235,16 @@ class Config:
 # Overrides are applied to the raw dict before typing, so CLI > YAML > defaults falls out of the order.
 
 
-def load_config(path: str | None, overrides: list[str]) -> Config:
-    """Build the run config from an optional YAML file and `key=value` overrides, then validate it."""
+def load_config(path: str | None, overrides: list[str], world_size: int | None = None) -> Config:
+    """Build the run config from an optional YAML file and `key=value` overrides, then validate it.
+
+    With `world_size` (the CLI passes WORLD_SIZE) the world-size product is checked before anything else.
+    The config remembers where each key came from (`value_source`), so errors can say so."""
     raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     if path is not None:
         raw = _read_yaml(path)
+        sources.update(dict.fromkeys(_dotted_keys(raw), path))
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -250,7 +255,8 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
         except yaml.YAMLError as exc:
             raise ConfigError(key, f"cannot parse value {text!r}: {_one_line(exc)}") from None
         _set_dotted(raw, key, value)
-    return _typed(raw)
+        sources.update(dict.fromkeys(_dotted_keys({key: value}), COMMAND_LINE))
+    return _typed(raw, sources, world_size)
 
 
 def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
@@ -259,12 +265,24 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -
     raw = copy.deepcopy(raw)
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
-    return _typed(raw)
+    return _typed(raw, {}, None)
 
 
-def _typed(raw: dict[str, Any]) -> Config:
+def _dotted_keys(value: Any, prefix: str = "") -> list[str]:
+    """The dotted leaf keys of a YAML-shaped dict (sections themselves are not values a user set)."""
+    if not isinstance(value, dict):
+        return []
+    out = []
+    for k, v in value.items():
+        out += _dotted_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return out
+
+
+def _typed(raw: dict[str, Any], sources: dict[str, str], world_size: int | None) -> Config:
     cfg = _build(Config, raw, "")
-    validate(cfg)
+    # Not a dataclass field: asdict, equality and the saved YAML ignore it (dataclasses.replace drops it).
+    object.__setattr__(cfg, "_sources", sources)
+    validate(cfg, world_size)
     return cfg
 
 
@@ -417,10 +435,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
     name = getattr(tp, "__name__", str(tp))
     raise ConfigError(key, f"expected {name}, got {value!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Value checks that need neither the model nor the world size (those live in parallel.dims.ParallelDims).
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""Value checks of a loaded Config that need no model and no world size (`validate`).
+"""Value checks of a loaded Config that need no model (`validate`), the world-size product first.
 
-Each failure is a ConfigError naming the key; checks that need the model or the world size live in
-parallel/dims.py (ParallelDims) and run before anything is loaded.
+Each failure is a ConfigError naming the key. The layout arithmetic itself (dp inference, Ulysses degree,
+sequence divisibility) is parallel/dims.py's, shared with the mesh and the planner; checks that need the
+model run in trainer/layout.validate_run.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import difflib
 import os
 from typing import TYPE_CHECKING, Any
 
-from parallel.dims import ConfigError
+from parallel.dims import ConfigError, check_seq_len, data_parallel_degree, ulysses_degree
 from trainer.ds_config import ENGINES, OFFLOAD_DEVICES, validate_engine
 
 if TYPE_CHECKING:
@@ -54,8 +55,58 @@ def _get(cfg: Config, key: str) -> Any:
     return obj
 
 
-def validate(cfg: Config) -> None:
-    """Raise ConfigError (naming the key) for the first value that cannot work."""
+COMMAND_LINE = "the command line"
+
+
+def value_source(cfg: Config, key: str) -> str | None:
+    """Where `key` of a loaded config was set: COMMAND_LINE, the YAML file's path, or None (the default,
+    or a config built in code)."""
+    sources = getattr(cfg, "_sources", {})
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):  # `parallel={dp: 2}` sets parallel.dp too
+        where = sources.get(".".join(parts[:n]))
+        if where is not None:
+            return where
+    return None
+
+
+def _origins(cfg: Config, names: tuple[str, ...]) -> str:
+    """' (parallel.dp=2 from configs/demo.yaml, parallel.cp=3 from the command line)' for the degrees not
+    left at their default; empty when all of those were typed on this command line (the user sees them)."""
+    p = cfg.parallel
+    set_ = [(n, getattr(p, n), value_source(cfg, f"parallel.{n}")) for n in names]
+    set_ = [(n, v, src) for n, v, src in set_ if src is not None]
+    if all(src == COMMAND_LINE for _, _, src in set_):
+        return ""
+    text = ", ".join(f"parallel.{n}={v} from {src}" for n, v, src in set_)
+    if any(n == "dp" and src != COMMAND_LINE for n, _, src in set_):
+        text += "; parallel.dp=-1 infers dp from the world size"
+    return f" ({text})"
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """dp*tp*pp*cp must be the world size; checked first, naming where each degree came from."""
+    p = cfg.parallel
+    if p.auto:
+        return  # the planner chooses every degree
+    try:
+        data_parallel_degree(p.dp, p.tp, p.pp, p.cp, world_size)
+    except ConfigError as exc:
+        names = ("dp", "tp", "pp", "cp") if p.dp != -1 else ("tp", "pp", "cp")
+        raise ConfigError(exc.key, exc.reason + _origins(cfg, names)) from None
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Raise ConfigError (naming the key) for the first value that cannot work. Values first, then (with
+    `world_size`) the world-size product, then the layout arithmetic: a wrong product is reported before
+    the sequence or Ulysses divisibility it makes meaningless."""
+    _check_values(cfg)
+    if world_size is not None:
+        check_world_size(cfg, world_size)
+    _check_layout(cfg)
+
+
+def _check_values(cfg: Config) -> None:
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
@@ -71,7 +122,7 @@ def validate(cfg: Config) -> None:
         if _get(cfg, key) < 0:
             raise ConfigError(key, f"must be >= 0, got {_get(cfg, key)}")
 
-    m, p, t, o = cfg.model, cfg.parallel, cfg.training, cfg.optim
+    m, p, o = cfg.model, cfg.parallel, cfg.optim
     if (m.path is None) == (m.config is None):
         raise ConfigError("model", "set exactly one of model.path (pretrained) or model.config (random init)")
     if m.config is not None and m.config.get("model_type") not in MODEL_TYPES:
@@ -79,22 +130,6 @@ def validate(cfg: Config) -> None:
             "model.config.model_type",
             f"must be one of {' | '.join(MODEL_TYPES)}, got {m.config.get('model_type')!r}",
         )
-    if p.dp != -1 and p.dp < 1:
-        raise ConfigError("parallel.dp", f"must be >= 1 or -1 (infer from world size), got {p.dp}")
-    if p.dp != -1 and p.dp % p.dp_replicate:
-        raise ConfigError("parallel.dp_replicate", f"must divide parallel.dp={p.dp}, got {p.dp_replicate}")
-    if p.cp_strategy == "hybrid":
-        if not 1 < p.ulysses < p.cp or p.cp % p.ulysses:
-            raise ConfigError(
-                "parallel.ulysses",
-                f"cp_strategy=hybrid needs 1 < ulysses < cp and cp % ulysses == 0 (got ulysses={p.ulysses}, "
-                f"cp={p.cp}); use ring or ulysses for a pure strategy",
-            )
-    elif p.ulysses != 1 and p.cp_strategy == "auto":
-        raise ConfigError("parallel.ulysses", "cp_strategy=auto picks the ulysses degree; leave it at 1")
-    elif p.ulysses != 1 and not p.auto:
-        what = "ulysses uses ulysses=cp" if p.cp_strategy == "ulysses" else "ring uses ulysses=1"
-        raise ConfigError("parallel.ulysses", f"only used with cp_strategy=hybrid ({what}); leave it at 1")
     if p.ac_group > 1 and p.activation_checkpointing != "full":
         raise ConfigError(
             "parallel.ac_group",
@@ -103,19 +138,6 @@ def validate(cfg: Config) -> None:
         )
     if p.device_memory_gib is not None and p.device_memory_gib <= 0:
         raise ConfigError("parallel.device_memory_gib", f"must be > 0, got {p.device_memory_gib}")
-    if p.cp > 1 and not p.auto:  # parallel.auto replaces cp (and checks the new one)
-        chunks = 2 * p.cp if p.cp_layout == "zigzag" else p.cp
-        if t.seq_len % chunks:
-            what = "2*cp" if p.cp_layout == "zigzag" else "cp"
-            raise ConfigError(
-                "training.seq_len",
-                f"{t.seq_len} is not divisible by {what} = {chunks} (cp_layout={p.cp_layout})",
-            )
-    if p.sequence_parallel and p.tp > 1 and not p.auto and (t.seq_len // p.cp) % p.tp:
-        raise ConfigError(
-            "training.seq_len",
-            f"tokens per cp rank ({t.seq_len // p.cp}) must be divisible by tp={p.tp} with sequence_parallel",
-        )
     for key in ("optim.beta1", "optim.beta2"):
         if not 0 <= _get(cfg, key) < 1:
             raise ConfigError(key, f"must be in [0, 1), got {_get(cfg, key)}")
@@ -135,5 +157,16 @@ def validate(cfg: Config) -> None:
     validate_engine(cfg)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Saving and documentation.
+def _check_layout(cfg: Config) -> None:
+    p, t = cfg.parallel, cfg.training
+    if p.dp != -1 and p.dp < 1:
+        raise ConfigError("parallel.dp", f"must be >= 1 or -1 (infer from world size), got {p.dp}")
+    if p.dp != -1 and p.dp % p.dp_replicate:
+        raise ConfigError("parallel.dp_replicate", f"must divide parallel.dp={p.dp}, got {p.dp_replicate}")
+    if p.cp_strategy == "auto":
+        if p.ulysses != 1:
+            raise ConfigError("parallel.ulysses", "cp_strategy=auto picks the ulysses degree; leave it at 1")
+    elif not p.auto or p.cp_strategy == "hybrid":  # parallel.auto replaces a pure strategy's ulysses
+        ulysses_degree(p.cp_strategy, p.cp, p.ulysses)
+    if not p.auto:  # parallel.auto replaces cp (and checks the new one)
+        check_seq_len(t.seq_len, p.cp, p.tp, p.cp_layout, p.sequence_parallel)

@@ -6,10 +6,13 @@ import datetime
 import os
 import socket
 import sys
+import time
 import traceback
 
 import torch
 import torch.distributed as dist
+
+PEER_GRACE_S = 1.0
 
 
 def _free_port() -> int:
@@ -25,7 +28,9 @@ def pick_device(requested: str, expandable_segments: bool = True) -> torch.devic
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("training.device: cuda requested but no CUDA device is visible")
+        from parallel.dims import ConfigError
+
+        raise ConfigError("training.device", "cuda requested but no CUDA device is visible")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
@@ -65,13 +70,20 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def exit_if_peers_wait() -> None:
-    """Call from an `except` block. With peers, a rank that hit an unexpected error must not run the
-    graceful tear-down: destroy_process_group can block behind the collective its peers are stuck in,
-    until the NCCL timeout. It prints the traceback and exits now; torchrun then stops the other ranks.
-    Alone, it returns and the caller re-raises."""
+def exit_if_peers_wait(message: str | None = None, code: int = 1) -> None:
+    """Call from an `except` block. With peers, a rank that hit an error must not run the graceful
+    tear-down: destroy_process_group can block behind the collective its peers are stuck in, until the
+    NCCL timeout. It prints `message` (None: the traceback) and exits with `code` now; torchrun then stops
+    the other ranks. Alone, it returns and the caller re-raises."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        traceback.print_exc()
+        if message is None:
+            traceback.print_exc()
+        else:
+            sys.stderr.write(message + "\n")
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+        if message is not None:
+            # torchrun stops the other ranks as soon as one exits: a moment's grace lets peers that fail
+            # the same (deterministic) check print their own line first.
+            time.sleep(PEER_GRACE_S)
+        os._exit(code)

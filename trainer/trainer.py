@@ -10,17 +10,16 @@ from pathlib import Path
 import torch
 
 from models.causal_lm import CausalLMStage, split_layers
-from models.registry import DTYPES, build_hf_model, check_supported, family_of, head_dim_of, load_hf_config
-from parallel.cp.kernels import select_kernel
-from parallel.dims import ParallelDims, sub_mesh, sub_rank_and_size
-from parallel.planner import resolve_auto
+from models.registry import DTYPES, build_hf_model, family_of
+from parallel.dims import sub_mesh, sub_rank_and_size
 from trainer import distributed
 from trainer.checkpoint import Checkpointer, check_writable
 from trainer.checkpoint_state import JsonState, capture_rng_state, restore_rng_state, train_state
-from trainer.config import Config, ConfigError, config_to_dict, save_config
+from trainer.config import Config, config_to_dict, save_config
 from trainer.data import build_dataloader, load_tokenizer
 from trainer.engine import EngineContext, build_engine
 from trainer.errors import ModelLoadError, one_line
+from trainer.layout import check_vocab, validate_run
 from trainer.logging_utils import setup_logging
 from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
 from trainer.optim import build_scheduler
@@ -60,53 +59,14 @@ class Trainer:
     def _validate(self) -> None:
         cfg = self.cfg
         # Everything that can reject the run does so before any weights or data are loaded.
-        try:
-            self.hf_config = load_hf_config(cfg.model.path, cfg.model.config)
-        except (OSError, ValueError) as exc:
-            key = "model.path" if cfg.model.path else "model.config"
-            raise ConfigError(key, f"cannot load the model config: {one_line(exc)}") from None
-        cfg = self.cfg = resolve_auto(cfg, self.world, self.hf_config)  # no-op unless parallel.auto / cp auto
-        self.dims = ParallelDims.from_config(cfg.parallel, self.world)
-        for note in self.dims.validate_model(
-            self.hf_config,
-            cfg.training.seq_len,
-            cfg.parallel.sequence_parallel,
-            cfg.parallel.cp_strategy,
-            cfg.parallel.cp_layout,
-        ):
+        run = validate_run(cfg, self.world, device_type=self.device.type)
+        cfg = self.cfg = run.cfg  # parallel.auto / cp_strategy=auto filled in
+        check_vocab(cfg, run.hf_config, load_tokenizer(cfg))
+        self.hf_config, self.dims, self.family = run.hf_config, run.dims, family_of(run.hf_config)
+        for note in run.notes:
             log.info("layout note: %s", note)
-        try:
-            check_supported(self.hf_config, cfg.training.seq_len)
-        except ValueError as exc:
-            key, _, why = str(exc).partition(": ")
-            raise ConfigError(key, why) from None
-        self.family = family_of(self.hf_config)
-        try:  # a forced kernel that cannot run here fails now, not in the first forward
-            select_kernel(
-                cfg.model.attn_kernel, self.device, DTYPES[cfg.model.dtype], head_dim_of(self.hf_config)
-            )
-        except ValueError as exc:
-            raise ConfigError("model.attn_kernel", str(exc)) from None
-        if self.dims.pp > 1 and getattr(self.hf_config, "tie_word_embeddings", False):
-            raise ConfigError(
-                "parallel.pp",
-                "tied input/output embeddings live on different pipeline stages; "
-                "use pp=1 or a model with tie_word_embeddings: false",
-            )
-        per_step = cfg.training.grad_accum * cfg.training.micro_batch_size
-        if self.dims.pp > 1 and per_step % (cfg.parallel.pp_microbatches or per_step):
-            raise ConfigError(
-                "parallel.pp_microbatches",
-                f"{cfg.parallel.pp_microbatches} does not divide "
-                f"grad_accum * micro_batch_size = {per_step} sequences per step",
-            )
-        n_micro = cfg.parallel.pp_microbatches or per_step
-        if self.dims.pp > 1 and cfg.parallel.pp_schedule == "1F1B" and n_micro < self.dims.pp:
-            raise ConfigError(
-                "parallel.pp_microbatches",
-                f"1F1B needs at least pp={self.dims.pp} micro-batches per step, got {n_micro} "
-                "(raise training.grad_accum or micro_batch_size, or use parallel.pp_schedule=GPipe)",
-            )
+        for warning in run.warnings:
+            log.warning("%s", warning)
 
     def _record_config(self) -> None:
         if self.rank == 0:

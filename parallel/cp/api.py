@@ -24,6 +24,7 @@ from parallel.cp.kernels import default_scale, select_kernel
 from parallel.cp.plan import Block, plan_blocks
 from parallel.cp.ring import RingComm, ring_attention
 from parallel.cp.sharding import check_divisible, shard_index
+from parallel.cp.spec import CPSpec
 from parallel.cp.ulysses import check_heads, head_gather, replicate_kv_heads, seq_gather_qkv
 
 Tensor = torch.Tensor
@@ -274,7 +275,6 @@ def apply_cp(
     accum: str = "float32",
 ) -> None:
     """Attach CP attention to a model stage: each forward builds one `CPContext` for all its layers."""
-    from models.causal_lm import CPSpec
 
     def make_context(seq_len: int, doc_ids: Tensor | None) -> CPContext:
         return build_context(

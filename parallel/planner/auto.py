@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 def wants_auto(cfg: Any) -> bool:
     p = cfg.parallel
-    return bool(getattr(p, "auto", False)) or p.cp_strategy == "auto"
+    return p.auto or p.cp_strategy == "auto"
 
 
 def resolve_auto(cfg: Any, world_size: int, hf_config: Any) -> Any:
@@ -29,7 +29,7 @@ def resolve_auto(cfg: Any, world_size: int, hf_config: Any) -> Any:
     if not wants_auto(cfg):
         return cfg
     p = cfg.parallel
-    whole = bool(getattr(p, "auto", False))
+    whole = p.auto
     key = "parallel.auto" if whole else "parallel.cp_strategy"
     fixed = None
     if not whole:
@@ -50,7 +50,7 @@ def resolve_auto(cfg: Any, world_size: int, hf_config: Any) -> Any:
             "activation_checkpointing=full, a shorter seq_len or more GPUs",
         )
     fields = best.layout.parallel_fields()
-    extra: dict[str, Any] = {"auto": False} if hasattr(p, "auto") else {}
+    extra: dict[str, Any] = {"auto": False}
     if whole and p.dp_replicate != 1 and best.layout.dp % p.dp_replicate:
         extra["dp_replicate"] = 1
     new = dataclasses.replace(cfg, parallel=dataclasses.replace(p, **fields, **extra))

@@ -1,7 +1,7 @@
 """Device rates the cost model divides by, read from a calibration JSON.
 
-The default file (calibration_h100.json, next to this module) holds the H100 NVLink numbers measured for
-DESIGN.md; `python -m parallel.planner.calibrate --out file.json` writes a new one for the current GPU and
+The default file (calibration_h100.json, next to this module) holds H100 NVLink numbers (where each comes
+from: docs/parallelism.md, "Device rates"); `python -m parallel.planner.calibrate --out file.json` writes a new one for the current GPU and
 `parallel.plan_calibration=file.json` makes the planner use it.
 """
 

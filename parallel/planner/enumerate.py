@@ -1,8 +1,8 @@
 """Every way to lay a world of N ranks out as dp x tp x pp x cp, with cp = ulysses x ring, zigzag or contiguous.
 
-Validity is decided by the same code the trainer runs (`ParallelDims.from_config` + `validate_model`), so
-a layout the planner calls valid is one the trainer accepts; the reason of an invalid one is the exact
-one-line error the trainer would print.
+Validity is decided by the same code the trainer runs (`ParallelDims.from_config` + parallel/layout_checks),
+so a layout the planner calls valid is one the trainer accepts; the reason of an invalid one is the exact
+one-line error the trainer would print (`model` may be a Hugging Face config or a ModelShape).
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from parallel.dims import ConfigError, ParallelDims
+from parallel.layout_checks import RunSettings
+from parallel.layout_checks import check_layout as check_run_layout
+from parallel.shape import ModelShape
 
 # Set to False to keep pipeline layouts out of the plan (they are still listed, as invalid).
 PP_SUPPORTED = True
@@ -89,43 +92,35 @@ def cp_splits(cp: int) -> list[int]:
 
 def check_layout(
     layout: Layout,
-    hf_config: Any,
+    model: ModelShape,
     seq_len: int,
     *,
     sequence_parallel: bool = False,
-    sequences_per_step: int = 1,
+    sequences_per_step: int | None = None,
     pp_microbatches: int | None = None,
     pp_schedule: str = "1F1B",
     pp_supported: bool = PP_SUPPORTED,
 ) -> Candidate:
-    """Run the trainer's own checks on one layout; a ConfigError becomes the candidate's reason.
+    """Run the trainer's own layout checks on one layout; a ConfigError becomes the candidate's reason.
 
     `sequences_per_step` = grad_accum * micro_batch_size: under PP they are the pipeline's microbatches
-    (pp_microbatches of them, default one sequence each), as trainer/trainer.py splits them.
+    (pp_microbatches of them, default one sequence each), as trainer/trainer.py splits them; None skips
+    the micro-batch checks (a plan for the model alone).
     """
     pcfg = SimpleNamespace(dp_replicate=1, **layout.parallel_fields())
+    run = RunSettings(
+        seq_len,
+        sequence_parallel=sequence_parallel,
+        cp_layout=layout.cp_layout or "zigzag",
+        sequences_per_step=sequences_per_step,
+        pp_microbatches=pp_microbatches,
+        pp_schedule=pp_schedule,
+    )
     cand = Candidate(layout)
     try:
-        dims = ParallelDims.from_config(pcfg, layout.world_size)
-        cand.notes = dims.validate_model(
-            hf_config,
-            seq_len,
-            sequence_parallel=sequence_parallel,
-            strategy=layout.strategy,
-            layout=layout.cp_layout or "zigzag",
-        )
-        if layout.pp > 1:
-            if not pp_supported:
-                raise ConfigError("parallel.pp", "pipeline parallelism is not available in this build yet")
-            if getattr(hf_config, "tie_word_embeddings", False):
-                raise ConfigError("parallel.pp", "tied input/output embeddings live on different stages")
-            if pp_schedule == "Interleaved1F1B":
-                raise ConfigError("parallel.pp_schedule", "Interleaved1F1B needs several stages per rank")
-            if sequences_per_step % (pp_microbatches or sequences_per_step):
-                raise ConfigError(
-                    "parallel.pp_microbatches",
-                    f"{pp_microbatches} does not divide grad_accum * micro_batch_size = {sequences_per_step}",
-                )
+        if layout.pp > 1 and not pp_supported:
+            raise ConfigError("parallel.pp", "pipeline parallelism is left out of this plan")
+        cand.notes = check_run_layout(ParallelDims.from_config(pcfg, layout.world_size), model, run)
     except ConfigError as exc:
         cand.reason = str(exc)
     return cand
@@ -133,11 +128,11 @@ def check_layout(
 
 def enumerate_layouts(
     world_size: int,
-    hf_config: Any,
+    model: ModelShape | Any,
     seq_len: int,
     *,
     sequence_parallel: bool = False,
-    sequences_per_step: int = 1,
+    sequences_per_step: int | None = None,
     pp_microbatches: int | None = None,
     pp_schedule: str = "1F1B",
     fixed: dict[str, int] | None = None,
@@ -149,6 +144,7 @@ def enumerate_layouts(
     split). cp == 1 yields one layout (no split, no sharding layout).
     """
     fixed = fixed or {}
+    shape = model if isinstance(model, ModelShape) else ModelShape.from_hf(model)
     out: list[Candidate] = []
     for tp in divisors(world_size):
         for pp in divisors(world_size // tp):
@@ -163,7 +159,7 @@ def enumerate_layouts(
                         out.append(
                             check_layout(
                                 layout,
-                                hf_config,
+                                shape,
                                 seq_len,
                                 sequence_parallel=sequence_parallel,
                                 sequences_per_step=sequences_per_step,

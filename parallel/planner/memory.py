@@ -53,57 +53,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from models.registry import head_dim_of
 from parallel.cp.ring import BACKWARD_ROWS
 from parallel.planner.enumerate import Layout
+from parallel.shape import ModelShape
 
 GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied: bool = False
-
-    @classmethod
-    def from_hf(cls, hf: Any) -> ModelShape:
-        heads = hf.num_attention_heads
-        return cls(
-            layers=hf.num_hidden_layers,
-            hidden=hf.hidden_size,
-            heads=heads,
-            kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
-            head_dim=head_dim_of(hf),
-            intermediate=hf.intermediate_size,
-            vocab=hf.vocab_size,
-            tied=bool(getattr(hf, "tie_word_embeddings", False)),
-        )
-
-    def layer_matmul_params(self, tp: int = 1) -> int:
-        """Projection weights of one layer held by one TP rank (biases ignored)."""
-        h, d = self.hidden, self.head_dim
-        q_o = 2 * h * (self.heads // tp) * d
-        k_v = 2 * h * (self.kv_heads // tp) * d
-        return q_o + k_v + 3 * h * math.ceil(self.intermediate / tp)
-
-    def layer_params(self, tp: int = 1) -> int:
-        return self.layer_matmul_params(tp) + 2 * self.hidden  # + the two norms, replicated over tp
-
-    def root_params(self, pp: int = 1) -> int:
-        """Embedding, final norm and LM head of the heaviest stage (TP keeps them replicated)."""
-        vh = self.vocab * self.hidden
-        if pp > 1:
-            return vh + self.hidden  # first stage: embedding; last: norm + head
-        return vh * (1 if self.tied else 2) + self.hidden
-
-    def non_embedding_params(self) -> int:
-        return self.layers * self.layer_params()
 
 
 @dataclass(frozen=True)
@@ -148,7 +102,7 @@ class Workload:
             activation_offload=p.activation_offload,
             mlp_chunks=p.mlp_chunks,
             cp_accum=p.cp_accum,
-            compiled=bool(getattr(p, "compile", False)),
+            compiled=p.compile,
         )
 
 

@@ -49,11 +49,7 @@ class PlanRow:
 def planner_settings(cfg: Any) -> tuple[int, float | None, str | None]:
     """(gpus_per_node, device memory GiB or None = the calibration's, calibration path) from cfg.parallel."""
     p = cfg.parallel
-    return (
-        getattr(p, "gpus_per_node", 8),
-        getattr(p, "device_memory_gib", None),
-        getattr(p, "plan_calibration", None),
-    )
+    return p.gpus_per_node, p.device_memory_gib, p.plan_calibration
 
 
 def plan_rows(
@@ -75,7 +71,7 @@ def plan_rows(
     kw = {} if pp_supported is None else {"pp_supported": pp_supported}
     cands = enumerate_layouts(
         world_size,
-        hf_config,
+        shape,
         work.seq_len,
         sequence_parallel=work.sequence_parallel,
         sequences_per_step=work.grad_accum * work.micro_batch_size,
@@ -109,7 +105,7 @@ def plan_rows(
 def current_layout(cfg: Any, world_size: int) -> Layout | None:
     """The layout `cfg` asks for, or None when the planner is to choose it (or it is malformed)."""
     p = cfg.parallel
-    if getattr(p, "auto", False) or p.cp_strategy == "auto":
+    if p.auto or p.cp_strategy == "auto":
         return None
     try:
         dims = ParallelDims.from_config(p, world_size)
