@@ -51,9 +51,12 @@ def _node_hardware() -> str:
     """The `CPUs=... RealMemory=...` part of `slurmd -C` (this machine's real counts)."""
     out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, timeout=30).stdout
     line = next((ln for ln in out.splitlines() if ln.startswith("NodeName=")), "")
-    fields = [f for f in line.split() if f.split("=")[0] in ("CPUs", "Boards", "SocketsPerBoard",
-                                                               "CoresPerSocket", "ThreadsPerCore",
-                                                               "RealMemory")]
+    fields = [
+        f
+        for f in line.split()
+        if f.split("=")[0]
+        in ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")
+    ]
     if not any(f.startswith("CPUs=") for f in fields):
         raise SlurmUnavailable(f"`slurmd -C` printed no node line: {out.strip()!r}")
     return " ".join(fields)
@@ -145,8 +148,15 @@ PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             d = self.dir
             self._start(
                 "munged",
-                ["munged", "--force", f"--key-file={d}/munge.key", f"--socket={d}/munge.sock",
-                 f"--log-file={d}/munged.log", f"--pid-file={d}/munged.pid", f"--seed-file={d}/munged.seed"],
+                [
+                    "munged",
+                    "--force",
+                    f"--key-file={d}/munge.key",
+                    f"--socket={d}/munge.sock",
+                    f"--log-file={d}/munged.log",
+                    f"--pid-file={d}/munged.pid",
+                    f"--seed-file={d}/munged.seed",
+                ],
             )
             self._start("slurmctld", ["slurmctld", "-i"])  # -i: ignore state from an earlier run
             self._start("slurmd", ["slurmd", "-N", "localhost"])
@@ -175,9 +185,11 @@ PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
     def cancel_all(self, timeout_s: float = 60) -> None:
         """Cancel every job of this cluster and wait until slurmd has reaped them."""
+
         def jobs() -> list[str]:
-            res = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True,
-                                 timeout=30)
+            res = subprocess.run(
+                ["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True, timeout=30
+            )
             return res.stdout.split() if res.returncode == 0 else []
 
         ids = jobs()
@@ -219,7 +231,9 @@ PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
 if __name__ == "__main__":
     with LocalSlurm() as cluster:
-        print(f"export SLURM_CONF={cluster.conf}\n(logs in {cluster.dir}; Ctrl-C stops the cluster)", flush=True)
+        print(
+            f"export SLURM_CONF={cluster.conf}\n(logs in {cluster.dir}; Ctrl-C stops the cluster)", flush=True
+        )
         try:
             signal.pause()
         except KeyboardInterrupt:

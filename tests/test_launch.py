@@ -108,6 +108,7 @@ def test_sbatch_per_gpu_dry_run(tmp_path):
 def test_sbatch_processes_per_node(tmp_path):
     """GPUS_PER_NODE wins; else the job's GPUs, also from --gpus-per-node=type:N; a GPU-less job must say
     how many processes it wants instead of silently starting 8."""
+
     def nproc(**env: str) -> str:
         base = _fake_slurm_env(tmp_path, **env)
         base.pop("GPUS_PER_NODE")

@@ -88,9 +88,13 @@ def test_sbatch_trains_then_usr1_saves_requeues_and_resumes(cluster, tmp_path):
     assert state() == "RUNNING" and len(_steps(metrics)) < STEPS, describe()
 
     # What Slurm itself does 120 s before the time limit (--signal=B:USR1@120): USR1 to the batch shell.
-    sig = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, capture_output=True, text=True)
+    sig = subprocess.run(
+        ["scancel", "--signal=USR1", "--batch", job], env=env, capture_output=True, text=True
+    )
     assert sig.returncode == 0, sig.stderr
-    _wait("the requeued job to finish", lambda: state() in ("COMPLETED", "FAILED", "CANCELLED"), 300, describe)
+    _wait(
+        "the requeued job to finish", lambda: state() in ("COMPLETED", "FAILED", "CANCELLED"), 300, describe
+    )
 
     text = log.read_text()
     info = cluster.job(job)
