@@ -15,16 +15,16 @@ def run(cfg, flags) -> int:
 
         preprocess(cfg)
         return 0
-    from trainer import distributed
+    from trainer import distributed, rank_failures
     from trainer.errors import USER_ERRORS, one_line
     from trainer.trainer import Trainer
 
     try:
         Trainer(cfg).train()
-    except USER_ERRORS as exc:  # bad data, checkpoint, path, non-finite loss: one line, no traceback
-        sys.stderr.write(f"error: {one_line(exc)}\n")
-        return 1
+    except USER_ERRORS as exc:  # bad data, checkpoint, path, non-finite loss: one line on one rank
+        return rank_failures.report_failure(f"error: {one_line(exc)}", 1)
     except Exception:
+        rank_failures.exit_if_a_peer_failed()  # its report is the one line; this is the consequence
         distributed.exit_if_peers_wait()
         raise
     finally:
