@@ -62,6 +62,18 @@ def _node_hardware() -> str:
     return " ".join(fields)
 
 
+def _alive(pid: int) -> bool:
+    """Running (a daemon that exited but is not reaped yet - its parent is init - counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 class LocalSlurm:
     """Start with `up()`, stop with `down()` (or use as a context manager); `env` is what clients need."""
 
@@ -216,9 +228,7 @@ PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             except ProcessLookupError:
                 continue
             for _ in range(100):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
+                if not _alive(pid):
                     break
                 time.sleep(0.1)
             else:
@@ -229,7 +239,14 @@ PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    # Also when started in the background (SIGINT ignored there) or stopped with kill: tear down.
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     with LocalSlurm() as cluster:
         print(
             f"export SLURM_CONF={cluster.conf}\n(logs in {cluster.dir}; Ctrl-C stops the cluster)", flush=True
