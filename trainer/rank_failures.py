@@ -3,8 +3,9 @@
 A bad data file fails on every rank at once; a path one node cannot read fails on that node only. Either
 way the user should read one `error: ...` line, and every rank should exit with the same code. The ranks
 agree through the process group's key-value store, not through a collective: a healthy rank may be inside
-any collective (or none) when another fails, so a collective "who failed?" could deadlock. The store is
-hosted by torchrun's agent, so it outlives the ranks that exit.
+any collective (or none) when another fails, so a collective "who failed?" could deadlock. Under torchrun
+the store is hosted by its agent, so it outlives the ranks that exit; started without torchrun (Slurm's
+per-gpu mode) rank 0 hosts it, and once rank 0 has exited the others fall back to reporting for themselves.
 
 - A failing rank records itself and its exit code; the lowest failing rank prints (rank 0 at once, rank r
   after giving ranks < r `GRACE_S` to report), every other one stays quiet.
@@ -12,8 +13,9 @@ hosted by torchrun's agent, so it outlives the ranks that exit.
   tear-down: a healthy peer may be blocked in a collective it would wait for (as in
   `distributed.exit_if_peers_wait`).
 - A healthy rank whose collective then breaks (gloo: the peer closed its socket) sees the recorded failure
-  and exits quietly with the same code instead of printing a traceback. (NCCL collectives do not break; torchrun
-  stops those ranks when the first one exits.)
+  and exits quietly with the same code instead of printing a traceback. Under NCCL a collective waiting
+  for a dead peer does not fail quickly; torchrun stops such a rank with SIGTERM when the first rank
+  exits (that case is not covered by the CPU tests).
 """
 
 from __future__ import annotations
