@@ -15,7 +15,7 @@ def run(cfg, flags) -> int:
 
         preprocess(cfg)
         return 0
-    from trainer import distributed
+    from trainer import distributed, rank_failures
     from trainer.config import ConfigError
     from trainer.errors import USER_ERRORS, one_line
     from trainer.signals import exit_interrupted
@@ -23,15 +23,15 @@ def run(cfg, flags) -> int:
 
     try:
         Trainer(cfg).train()
-    except USER_ERRORS as exc:  # bad data, checkpoint, path, non-finite loss: one line, no traceback
-        sys.stderr.write(f"error: {one_line(exc)}\n")
-        return 1
+    except USER_ERRORS as exc:  # bad data, checkpoint, path, non-finite loss: one line on one rank
+        return rank_failures.report_failure(f"error: {one_line(exc)}", 1)
     except KeyboardInterrupt:
         exit_interrupted()
     except ConfigError as exc:  # found once the process group exists: this rank's line, exit 2
         distributed.exit_if_peers_wait(f"config error: {exc}", code=2)
         raise  # alone: cli_main prints it and exits 2
     except Exception:
+        rank_failures.exit_if_a_peer_failed()  # its report is the one line; this is the consequence
         distributed.exit_if_peers_wait()
         raise
     finally:

@@ -39,6 +39,7 @@ def _fake_slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         SLURM_NNODES="2",
         SLURM_JOB_ID="4242",
         GPUS_PER_NODE="4",
+        SLURM_CPUS_ON_NODE="64",
         CONFIG="configs/long.yaml",
         OVERRIDES="parallel.cp=8 training.steps=10",
         TORCH_FR_DUMP_TEMP_FILE=str(tmp_path / "fr" / "rank"),
@@ -62,6 +63,7 @@ def _after(words: list[str], flag: str) -> str:
 def test_sbatch_torchrun_dry_run(tmp_path):
     words = _dry_run(["bash", str(SBATCH), "data.seq_len=4096"], _fake_slurm_env(tmp_path))
     assert words[0] == "srun" and _after(words, "--ntasks-per-node") == "1"
+    assert _after(words, "--cpus-per-task") == "64"  # the node's CPUs go to the one torchrun task
     tr = words[words.index("torchrun") :]
     assert _after(tr, "--nnodes") == "2"
     assert _after(tr, "--nproc_per_node") == "4"
@@ -83,6 +85,7 @@ def test_sbatch_per_gpu_dry_run(tmp_path):
     env = _fake_slurm_env(tmp_path, LONGCTX_SRUN_MODE="per-gpu", MASTER_PORT="29611")
     words = _dry_run(["bash", str(SBATCH)], env)
     assert words[0] == "srun" and _after(words, "--ntasks-per-node") == "4"
+    assert _after(words, "--cpus-per-task") == "16"
     assert "torchrun" not in words
     assert "MASTER_ADDR=gpu-a17" in _after(words, "--export") and "MASTER_PORT=29611" in _after(
         words, "--export"
@@ -100,6 +103,27 @@ def test_sbatch_per_gpu_dry_run(tmp_path):
         text=True,
     )
     assert probe.stdout.split() == ["5", "1", "8"]
+
+
+def test_sbatch_processes_per_node(tmp_path):
+    """GPUS_PER_NODE wins; else the job's GPUs, also from --gpus-per-node=type:N; a GPU-less job must say
+    how many processes it wants instead of silently starting 8."""
+
+    def nproc(**env: str) -> str:
+        base = _fake_slurm_env(tmp_path, **env)
+        base.pop("GPUS_PER_NODE")
+        base.update(env)
+        return _after(_dry_run(["bash", str(SBATCH)], base), "--nproc_per_node")
+
+    assert nproc() == "8"
+    assert nproc(SLURM_GPUS_PER_NODE="h100:4") == "4"
+    assert nproc(SLURM_GPUS_ON_NODE="2", SLURM_GPUS_PER_NODE="2") == "2"
+    assert nproc(GPUS_PER_NODE="3", SLURM_GPUS_PER_NODE="0") == "3"
+    env = _fake_slurm_env(tmp_path, SLURM_GPUS_PER_NODE="0")
+    env.pop("GPUS_PER_NODE")
+    res = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and "set GPUS_PER_NODE" in res.stderr, res.stderr
+    assert "#SBATCH --cpus-per-task" not in SBATCH.read_text()  # a fixed count can exceed a node's CPUs
 
 
 def test_sbatch_bad_mode(tmp_path):
