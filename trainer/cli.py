@@ -222,4 +222,8 @@ def cli_main(argv: list[str], run_fn: Callable[[Config, CliFlags], Any]) -> Any:
         return run_fn(cfg, flags)
     except ConfigError as exc:
         sys.stderr.write(f"config error: {exc}\n")
+        sys.stderr.flush()
+        from trainer.distributed import wait_for_peer_reports
+
+        wait_for_peer_reports(_env_int("WORLD_SIZE", 1))
         raise SystemExit(2) from None

@@ -87,3 +87,26 @@ def exit_if_peers_wait(message: str | None = None, code: int = 1) -> None:
             # the same (deterministic) check print their own line first.
             time.sleep(PEER_GRACE_S)
         os._exit(code)
+
+
+def wait_for_peer_reports(world_size: int, timeout_s: float = 30.0) -> None:
+    """Before a rank exits on an error found before the process group exists (CLI parse, dry run): wait
+    until every rank has reached the same point, so each prints its own line before torchrun stops the
+    slower ones. The ranks meet in torchrun's agent store (it outlives the ranks); without torchrun, or if
+    the store cannot be reached, there is nobody to wait for."""
+    if world_size <= 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return
+    try:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=5),
+        )
+        key = f"longctx/early_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout_s
+        while store.add(key, 0) < world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except (KeyError, ValueError, RuntimeError, dist.DistError):
+        return
