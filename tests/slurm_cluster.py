@@ -25,6 +25,8 @@ CLIENTS = ("sbatch", "scontrol", "scancel", "squeue", "srun")
 # How long a requeued job waits before it may start again is the job credential's lifetime (Slurm's
 # default 120 s); a short one keeps the test fast and still covers launching job steps on a busy machine.
 CRED_EXPIRE_S = 10
+# Once eligible, a pending job waits for the next pass of the main scheduling loop (default every 60 s).
+SCHED_INTERVAL_S = 2
 
 
 class SlurmUnavailable(RuntimeError):
@@ -129,6 +131,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval={SCHED_INTERVAL_S}
 MpiDefault=none
 ReturnToService=2
 JobAcctGatherType=jobacct_gather/none

@@ -86,6 +86,7 @@ def test_sbatch_per_gpu_dry_run(tmp_path):
     words = _dry_run(["bash", str(SBATCH)], env)
     assert words[0] == "srun" and _after(words, "--ntasks-per-node") == "4"
     assert _after(words, "--cpus-per-task") == "16"
+    assert _after(words, "--ntasks") == "8"  # 2 nodes x 4: the job's SLURM_NTASKS=2 must not win
     assert "torchrun" not in words
     assert "MASTER_ADDR=gpu-a17" in _after(words, "--export") and "MASTER_PORT=29611" in _after(
         words, "--export"

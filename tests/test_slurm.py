@@ -16,7 +16,7 @@ import pytest
 from tests.slurm_cluster import LocalSlurm, SlurmUnavailable, _free_port, missing_reason
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 40  # enough that USR1 (sent after step 2 is logged) lands well before the end on a loaded machine
+STEPS = 24  # enough that USR1 (sent after step 3 is logged) lands well before the end on a loaded machine
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_sbatch_trains_then_usr1_saves_requeues_and_resumes(cluster, tmp_path):
         return cluster.job(job).get("JobState", "")
 
     metrics = out / "metrics.jsonl"
-    _wait("the job to train 2 steps", lambda: len(_steps(metrics)) >= 2 or state() in ("FAILED", "COMPLETED"),
+    _wait("the job to train 3 steps", lambda: len(_steps(metrics)) >= 3 or state() in ("FAILED", "COMPLETED"),
           240, describe)  # fmt: skip
     assert state() == "RUNNING" and len(_steps(metrics)) < STEPS, describe()
 
@@ -102,7 +102,7 @@ def test_sbatch_trains_then_usr1_saves_requeues_and_resumes(cluster, tmp_path):
     saved = re.search(r"signal 10 received: saving step (\d+)", text)
     assert saved, describe()
     k = int(saved.group(1))
-    assert 2 <= k < STEPS
+    assert 3 <= k < STEPS
     assert f"requeueing job {job}" in text and "restart 1" in text, describe()
     assert f"resumed from step {k}\n" in text, describe()
     assert (out / "checkpoints" / f"step_{k:08d}" / "COMPLETE.json").is_file()
@@ -111,6 +111,6 @@ def test_sbatch_trains_then_usr1_saves_requeues_and_resumes(cluster, tmp_path):
     rows = _steps(metrics)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), describe()
     loss = {r["step"]: r["loss"] for r in rows}
-    assert loss[k + 1] < loss[1] - 0.5, (k, loss)
+    assert loss[k + 1] < loss[1] - 0.2, (k, loss)  # a fresh start repeats step 1 exactly
     assert loss[STEPS] < loss[1] - 2.0, loss
     assert json.loads((out / "summary.json").read_text())["final_step"] == STEPS
