@@ -315,8 +315,9 @@ def test_bad_eval_input_is_one_line_config_error(tmp_path):
 
 
 def test_report_files_and_wandb_offline(tmp_path, monkeypatch):
-    """Two evaluations through trainer/eval_report: eval.jsonl lines, one plot line per evaluation, the
-    passkey JSON and heatmap, and W&B (offline) scalars, images and the trials table."""
+    """Three evaluations through trainer/eval_report: eval.jsonl lines, one plot line per evaluation, the
+    passkey JSON and heatmap (a repeated step never overwrites the earlier files), and W&B (offline)
+    scalars, images and the trials table."""
     import time
     from types import SimpleNamespace
 
@@ -333,7 +334,7 @@ def test_report_files_and_wandb_offline(tmp_path, monkeypatch):
         for n in (64, 128)
         for d in (0.0, 1.0)
     ]
-    for step, loss in ((1, 3.0), (2, 2.5)):
+    for step, loss in ((1, 3.0), (2, 2.5), (2, 2.5)):  # the second step-2 record: an --eval-only rerun
         buckets = [
             {"from": 0, "to": 16, "loss": loss, "targets": 5},
             {"from": 16, "to": 32, "loss": loss - 1, "targets": 5},
@@ -344,7 +345,9 @@ def test_report_files_and_wandb_offline(tmp_path, monkeypatch):
         report(out, record, {"accuracy": 0.5, "time_s": 0.1, "trials": trials}, m)
     m.close()
     lines = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2]
+    assert [r["step"] for r in lines] == [1, 2, 2]
+    assert (out / "eval" / "passkey_step2-2.json").is_file()  # the first step-2 files are kept
+    assert (out / "eval" / "loss_by_position_step2-2.png").is_file()
     for step in (1, 2):
         assert (out / "eval" / f"loss_by_position_step{step}.png").stat().st_size > 1000
         assert (out / "eval" / f"passkey_step{step}.png").stat().st_size > 1000

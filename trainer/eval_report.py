@@ -26,6 +26,16 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _fresh(path: Path) -> Path:
+    """`path`, or `<stem>-2<suffix>`, `-3`, ... when it exists: an --eval-only run over a training run's
+    directory never overwrites the files that run wrote for the same step."""
+    candidate, n = path, 2
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
 def _label(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
@@ -112,14 +122,14 @@ def report(out: Path, record: dict, passkey: dict | None, metrics: Any = None) -
         f.write(json.dumps(record) + "\n")
     images, tables = {}, {}
     if "loss_by_position" in record:
-        png = out / "eval" / f"loss_by_position_step{step}.png"
+        png = _fresh(out / "eval" / f"loss_by_position_step{step}.png")
         plot_loss_by_position([r for r in _records(out / "eval.jsonl") if "loss_by_position" in r], png)
         images["eval/loss_by_position"] = png
     if passkey is not None:
-        (out / "eval" / f"passkey_step{step}.json").write_text(
+        _fresh(out / "eval" / f"passkey_step{step}.json").write_text(
             json.dumps({"step": step, **passkey}, indent=1)
         )
-        png = out / "eval" / f"passkey_step{step}.png"
+        png = _fresh(out / "eval" / f"passkey_step{step}.png")
         plot_passkey(passkey, step, png)
         images["eval/passkey"] = png
         cols = ["length", "depth", "passed", "key", "predicted_text"]
