@@ -241,6 +241,10 @@ def test_eval_under_cp_equals_unsharded_hf(setup):
                                 f"by position {rel_pos:.1e}")  # fmt: skip
             assert math.isclose(rec["eval_ppl"], math.exp(rec["eval_loss"]), rel_tol=1e-9)
             assert rec["eval_tokens"] == MAX_SEQ * SEQ and rec["eval_tokens_per_s"] > 0
+        # seeded: the run built the same trials (keys, depths) as make_trials does here
+        assert [(t["key"], t["length"], t["depth"]) for t in rec["passkey"]["trials"]] == [
+            (t.key, t.length, t.depth) for t in trials
+        ]
         preds = [t["predicted_tokens"] for t in rec["passkey"]["trials"]]
         if preds != _hf_passkey(ref[model], trials):
             failures.append(f"{name}: passkey arg-max differs from HF")
