@@ -20,8 +20,8 @@ from parallel.dims import ParallelDims
 from parallel.planner import plan_main
 from trainer.config import Config, ConfigError, config_to_dict, load_config
 from trainer.config_docs import config_fields
-from trainer.layout import RunLayout, check_paths, check_vocab, load_model_config, validate_run
 from trainer.eval_checks import eval_enabled
+from trainer.layout import RunLayout, check_paths, check_vocab, load_model_config, validate_run
 
 # The embedded default (a tiny model on the shipped corpus): used when --config is not given.
 DEFAULT_CONFIG = os.path.join(
