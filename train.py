@@ -1,7 +1,7 @@
 """longctx: long-context training with context parallelism.
 
 torchrun --nproc_per_node 4 train.py --config configs/demo.yaml [key=value ...]
-                                     [--dry-run | --plan | --preprocess]
+                                     [--dry-run | --plan | --preprocess | --eval-only]
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ def run(cfg, flags) -> int:
     from trainer.trainer import Trainer
 
     try:
-        Trainer(cfg).train()
+        if flags.eval_only:
+            Trainer(cfg, eval_only=True).evaluate_only()
+        else:
+            Trainer(cfg).train()
     except USER_ERRORS as exc:  # bad data, checkpoint, path, non-finite loss: one line on one rank
         return rank_failures.report_failure(f"error: {one_line(exc)}", 1)
     except KeyboardInterrupt:

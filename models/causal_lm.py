@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.loss import chunked_cross_entropy_sum
+from models.loss import chunked_cross_entropy_sum, chunked_token_scores
 from models.offload import HostOffload
 from parallel.cp.spec import CPSpec
 
@@ -68,10 +68,12 @@ class CausalLMStage(nn.Module):
         position_ids: torch.Tensor,
         doc_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        per_token: bool = False,
     ):
         """x: input ids [B, S_local] (first stage) or hidden states. Returns, on the last stage, the scaled
         sum of token losses (shape [1]) when labels are given, else the final hidden states; on other
-        (pipeline) stages the tuple (hidden, position_ids, doc_ids, labels) that the next stage takes."""
+        (pipeline) stages the tuple (hidden, position_ids, doc_ids, labels) that the next stage takes.
+        `per_token` (evaluation, with labels): the unscaled per-token losses and arg-max ids instead."""
         h = self.model.embed_tokens(x) if self.is_first else x
         docs = doc_ids if self.doc_mask else None
         ctx = None
@@ -110,6 +112,8 @@ class CausalLMStage(nn.Module):
         h = self.model.norm(h)
         if labels is None:
             return h
+        if per_token:
+            return chunked_token_scores(h, self.lm_head, labels, self.loss_chunk)
         # Shape [1], not a scalar: the pipeline schedule concatenates stage outputs across micro-batches.
         return (
             chunked_cross_entropy_sum(h, self.lm_head, labels, self.loss_chunk, self.compile_loss)

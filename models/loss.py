@@ -55,3 +55,21 @@ def chunked_cross_entropy_sum(
                 _chunk_loss, h, lm_head.weight, lm_head.bias, y, compiled, use_reentrant=False
             )
     return total
+
+
+def chunked_token_scores(
+    hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor, chunk_tokens: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy (fp32, 0 where the label is -100) and the arg-max token id, each [B, S], for
+    evaluation: chunked like the training loss, so full-vocabulary logits exist for one chunk at a time."""
+    b, s, _ = hidden.shape
+    step = max(1, chunk_tokens // max(b, 1))
+    losses, preds = [], []
+    for i in range(0, s, step):
+        logits = F.linear(hidden[:, i : i + step], lm_head.weight, lm_head.bias)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        y = labels[:, i : i + step]
+        ce = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="none")
+        losses.append(ce)
+        preds.append(logits.argmax(-1))
+    return torch.cat(losses, 1), torch.cat(preds, 1)

@@ -1,5 +1,5 @@
 """Command-line front-end: `train.py --config x.yaml [key=value ...] [--dry-run | --plan | --calibrate PATH |
---preprocess]`.
+--preprocess | --eval-only]`.
 
 Bad configuration never reaches the user as a traceback: every ConfigError becomes one line
 `config error: <key>: <why>` on stderr and exit code 2, before any process group or allocation exists.
@@ -20,6 +20,7 @@ from parallel.dims import ParallelDims
 from parallel.planner import plan_main
 from trainer.config import Config, ConfigError, config_to_dict, load_config
 from trainer.config_docs import config_fields
+from trainer.eval_checks import eval_enabled
 from trainer.layout import RunLayout, check_paths, check_vocab, load_model_config, validate_run
 
 # The embedded default (a tiny model on the shipped corpus): used when --config is not given.
@@ -39,6 +40,8 @@ class CliFlags:
     calibrate: str | None = None
     """Where --calibrate writes this machine's measured rates (None: no calibration)."""
     preprocess: bool = False
+    eval_only: bool = False
+    """Evaluate (eval section) the newest checkpoint or model.path; no optimizer, no training step."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,6 +101,11 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         help="shorthand for parallel.gpus_per_node=N (the planner's node size)",
     )
     parser.add_argument("--preprocess", action="store_true", help="tokenise and cache the dataset, then exit")
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="evaluate the newest checkpoint in output_dir (or model.path) with the eval settings, then exit",
+    )
     return parser
 
 
@@ -117,12 +125,16 @@ def parse_cli(argv: list[str]) -> tuple[Config, CliFlags]:
         plan=args.plan,
         calibrate=args.calibrate,
         preprocess=args.preprocess,
+        eval_only=args.eval_only,
     )
     # A launch (or its dry run) checks the world-size product first; --plan sizes layouts for WORLD_SIZE
     # whatever the config's degrees, --preprocess and --calibrate use no layout.
     launches = not (flags.plan or flags.calibrate or flags.preprocess)
     world = _env_int("WORLD_SIZE", 1) if launches else None
-    return load_config(path, flags.overrides, world), flags
+    cfg = load_config(path, flags.overrides, world)
+    if flags.eval_only and not eval_enabled(cfg):
+        raise ConfigError("eval", "--eval-only needs eval.path (held-out data) or eval.passkey: true")
+    return cfg, flags
 
 
 def _env_int(name: str, default: int) -> int:

@@ -217,6 +217,22 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class EvalConfig:
+    path: str | None = None
+    """Held-out data (every format data.path takes), packed and document-masked as data.path is; None = no held-out loss."""
+    every: int = 0
+    """Evaluate every N optimizer steps; 0 = only after the last step."""
+    max_sequences: int | None = None
+    """At most this many held-out sequences (of training.seq_len tokens) per evaluation; None = all of them."""
+    passkey: bool = False
+    """Also score passkey retrieval (a key planted in filler text, teacher-forced under CP; docs/evaluation.md)."""
+    passkey_lengths: list[int] | None = None
+    """Passkey sequence lengths in tokens (each <= training.seq_len and divisible as CP needs); None = [training.seq_len]."""
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Where the key is planted, as fractions 0..1 of the filler (0 = start, 1 = just before the question)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -226,6 +242,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "outputs/run"
     """Everything a run writes goes under this directory."""
 
@@ -409,6 +426,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(exc)
         raise errors[0]
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, key) for v in value]
     if typing.get_origin(tp) is dict or tp is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise ConfigError(key, f"expected a mapping, got {value!r}")

@@ -106,6 +106,9 @@ class NullMetricsLogger:
     def summary(self, values: dict[str, Any]) -> None:
         pass
 
+    def log_eval(self, step: int, scalars: dict[str, Any], images: dict, tables: dict) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -206,6 +209,18 @@ class MetricsLogger:
         self._jsonl.flush()
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in m.items() if v is not None and k != "step"}, step=step)
+
+    def log_eval(self, step: int, scalars: dict[str, Any], images: dict, tables: dict) -> None:
+        """An evaluation's results to W&B (the console line and files come from trainer/eval_report.py):
+        scalars, images {key: PNG path} and tables {key: (columns, rows)}."""
+        if self._wandb is None:
+            return
+        import wandb
+
+        payload: dict[str, Any] = {k: v for k, v in scalars.items() if v is not None}
+        payload.update({k: wandb.Image(str(p)) for k, p in images.items()})
+        payload.update({k: wandb.Table(columns=c, data=r) for k, (c, r) in tables.items()})
+        self._wandb.log(payload, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
         """End-of-run values: a console line, `<output_dir>/summary.json`, and the W&B run summary."""

@@ -3,6 +3,7 @@ engine that shards and steps it (trainer/engine), data (trainer/data), checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from trainer.config import Config, config_to_dict, save_config
 from trainer.data import build_dataloader, load_tokenizer
 from trainer.engine import EngineContext, build_engine
 from trainer.errors import ModelLoadError, one_line
+from trainer.evaluate import build_evaluator, load_weights_for_eval
 from trainer.layout import check_vocab, validate_run
 from trainer.logging_utils import setup_logging
 from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
@@ -30,21 +32,27 @@ log = logging.getLogger("longctx")
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, eval_only: bool = False):
         self.cfg = cfg
+        self.eval_only = eval_only
         self._start()
         self._validate()  # everything that can reject the run, before any weights or data are loaded
         self._record_config()
         self._build_mesh()
         self.tokenizer = load_tokenizer(self.cfg)
+        if eval_only:  # --eval-only: the stage sharded as for FSDP2 training, no engine (optimizer) or data
+            self._build_for_eval()
+            return
         self.engine = build_engine(self.cfg, self._build_stage(), self._engine_context())
         self.model, self.optimizer = self.engine.stage, self.engine.optimizer
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.training.steps)
         self.loader = build_dataloader(self.cfg, self.tokenizer, self.dp_rank, self.dp_size, rank=self.rank)
         self.checkpointer = self._build_checkpointer()
+        self.evaluator = self._build_evaluator()
         self.step = 0
         self.skipped_steps = 0
         self.history: list[dict] = []  # per-step metrics of this process (tests and notebooks read it)
+        self.evaluations: list[dict] = []  # records of this process's evaluations (eval.jsonl on rank 0)
         self.stop = StopSignal(self.rank)
 
     # ---- construction ---------------------------------------------------------------------------
@@ -71,8 +79,9 @@ class Trainer:
     def _record_config(self) -> None:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.out / "config.yaml")
-            log.info("resolved config:\n%s", (self.out / "config.yaml").read_text())
+            saved = self.out / ("eval/config.yaml" if self.eval_only else "config.yaml")  # keep the run's own
+            save_config(self.cfg, saved)
+            log.info("resolved config:\n%s", saved.read_text())
             log.info("mesh: %s", self.dims.describe())
 
     def _build_mesh(self) -> None:
@@ -123,6 +132,18 @@ class Trainer:
             model_config=self.hf_config,
             native=self.engine.native_checkpoint,
         )
+
+    def _build_evaluator(self):
+        return build_evaluator(self.cfg, self.model, self.tokenizer, self.mesh, self.device, self.out)
+
+    def _build_for_eval(self) -> None:
+        self.model = self._build_stage()
+        self.family.parallelize(self.model, self.mesh, self.dims, self.cfg)  # as Fsdp2Engine does
+        # Only the engine name of a checkpoint's layout is checked on load; eval reads FSDP2 checkpoints.
+        self.checkpointer = Checkpointer(
+            self.cfg.checkpoint, self.out, layout={"engine": "fsdp2"}, model_config=self.hf_config
+        )
+        self.evaluator = self._build_evaluator()
 
     @property
     def groups(self):
@@ -241,6 +262,8 @@ class Trainer:
                 }
                 self.history.append({"step": self.step, **last})
                 metrics.log(self.step, last)
+                if self.evaluator is not None and self.evaluator.due(self.step, cfg.training.steps):
+                    self.evaluations.append(self.evaluator.run(self.step, metrics))
                 interval = cfg.checkpoint.interval
                 if interval and self.step % interval == 0 and self.step < cfg.training.steps:
                     self.save()
@@ -259,3 +282,15 @@ class Trainer:
         finally:
             metrics.close()
         return last
+
+    def evaluate_only(self) -> dict:
+        """`train.py --eval-only`: evaluate the newest checkpoint (or model.path) once; no training step."""
+        self.step, weights = load_weights_for_eval(self.checkpointer, self.model, self.cfg.model.path)
+        logging_cfg = dataclasses.replace(self.cfg.logging, progress=False)
+        metrics = MetricsLogger(logging_cfg, self.out, self.rank, self.world, config_to_dict(self.cfg))
+        try:
+            record = self.evaluator.run(self.step, metrics, weights)
+        finally:
+            metrics.close()
+        self.evaluations = [record]
+        return record
