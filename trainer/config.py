@@ -216,6 +216,23 @@ class DeepSpeedConfig:
     """Path to a ds_config JSON merged with the derived values (micro batch, grad accumulation, clipping, precision, stage, offload); "auto" takes longctx's value, a different value is an error."""
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0
+    """LoRA rank; 0 = off (full fine-tuning). > 0: the base weights stay frozen in model.dtype and only peft LoRA adapters train (fp32 masters); see docs/lora.md."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the adapter's update is (alpha / r) * B @ A."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (peft lora_dropout), in [0, 1)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Linear layers inside the decoder layers that get adapters (peft suffix match); default: the attention and MLP projections."""
+    adapter: str | None = None
+    """Directory of an existing PEFT adapter (adapter_config.json + weights) to start from; its r, alpha, dropout and target modules apply (lora.r and lora.target_modules must then be left at their defaults or match it)."""
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -226,6 +243,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     output_dir: str = "outputs/run"
     """Everything a run writes goes under this directory."""
 
@@ -409,6 +427,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(exc)
         raise errors[0]
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list (e.g. [q_proj, v_proj]), got {value!r}")
+        return [_coerce(v, item, key) for v in value]
     if typing.get_origin(tp) is dict or tp is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise ConfigError(key, f"expected a mapping, got {value!r}")
