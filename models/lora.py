@@ -50,7 +50,9 @@ def read_adapter_config(path: str) -> dict:
     """adapter_config.json of a PEFT adapter directory (raises LoraSpecError naming lora.adapter)."""
     cfg_file = Path(path) / "adapter_config.json"
     if not cfg_file.is_file():
-        raise LoraSpecError("lora.adapter", f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+        raise LoraSpecError(
+            "lora.adapter", f"{path} is not a PEFT adapter directory (no adapter_config.json)"
+        )
     try:
         data = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as exc:
@@ -124,7 +126,9 @@ def _peft_key_module(key: str) -> tuple[str, str]:
         marker = f".{kind}."
         if marker in name:
             return name.split(marker)[0], kind
-    raise LoraSpecError("lora.adapter", f"unexpected tensor {key} in the adapter (only LoRA A/B weights are supported)")
+    raise LoraSpecError(
+        "lora.adapter", f"unexpected tensor {key} in the adapter (only LoRA A/B weights are supported)"
+    )
 
 
 def peft_config(spec: LoraSpec, base_model: str | None = None):
@@ -167,7 +171,9 @@ def is_adapter_param(name: str) -> bool:
 
 def to_peft_key(name: str) -> str:
     """Live parameter name -> the key peft writes in adapter_model.safetensors."""
-    return _PEFT_PREFIX + name.replace(f".lora_A.{ADAPTER}.", ".lora_A.").replace(f".lora_B.{ADAPTER}.", ".lora_B.")
+    return _PEFT_PREFIX + name.replace(f".lora_A.{ADAPTER}.", ".lora_A.").replace(
+        f".lora_B.{ADAPTER}.", ".lora_B."
+    )
 
 
 def base_name(name: str) -> str:

@@ -56,7 +56,9 @@ def validate_lora(cfg: Any) -> None:
     if lc.alpha <= 0:
         raise ConfigError("lora.alpha", f"must be > 0, got {lc.alpha}")
     if not lc.target_modules:
-        raise ConfigError("lora.target_modules", "must name at least one linear layer (e.g. [q_proj, v_proj])")
+        raise ConfigError(
+            "lora.target_modules", "must name at least one linear layer (e.g. [q_proj, v_proj])"
+        )
     if lc.adapter and not os.path.isdir(lc.adapter):
         raise ConfigError("lora.adapter", f"{lc.adapter} does not exist or is not a directory")
     if p.tp > 1:
@@ -71,7 +73,9 @@ def validate_lora(cfg: Any) -> None:
             f"LoRA runs on the fsdp2 engine only (got {p.engine}); FSDP2 already shards the frozen base over dp x cp",
         )
     if cfg.model.path is None and not lc.adapter:
-        log.warning("lora: the base model is randomly initialised (model.config); adapters usually go on a pretrained model")
+        log.warning(
+            "lora: the base model is randomly initialised (model.config); adapters usually go on a pretrained model"
+        )
 
 
 def lora_spec(lc: Any) -> lora.LoraSpec:
@@ -85,13 +89,19 @@ def lora_spec(lc: Any) -> lora.LoraSpec:
         raise ConfigError(exc.key, str(exc)) from None
     for field, default in _UNSUPPORTED.items():
         if saved.get(field) not in (default, None, {}, []):
-            raise ConfigError("lora.adapter", f"{lc.adapter} sets {field}={saved[field]!r}, which longctx does not train")
+            raise ConfigError(
+                "lora.adapter", f"{lc.adapter} sets {field}={saved[field]!r}, which longctx does not train"
+            )
     saved_targets = saved.get("target_modules")
     if not isinstance(saved_targets, list):
-        raise ConfigError("lora.adapter", f"{lc.adapter}: target_modules must be a list of names, got {saved_targets!r}")
+        raise ConfigError(
+            "lora.adapter", f"{lc.adapter}: target_modules must be a list of names, got {saved_targets!r}"
+        )
     r = int(saved["r"])
     if lc.r not in (0, r):
-        raise ConfigError("lora.r", f"{lc.r} contradicts lora.adapter ({lc.adapter} has r={r}); leave lora.r at 0")
+        raise ConfigError(
+            "lora.r", f"{lc.r} contradicts lora.adapter ({lc.adapter} has r={r}); leave lora.r at 0"
+        )
     from trainer.config import LORA_TARGETS
 
     if list(lc.target_modules) != LORA_TARGETS and sorted(lc.target_modules) != sorted(saved_targets):
@@ -100,7 +110,11 @@ def lora_spec(lc: Any) -> lora.LoraSpec:
             f"{list(lc.target_modules)} contradicts lora.adapter (it targets {sorted(saved_targets)}); leave the default",
         )
     return lora.LoraSpec(
-        r, float(saved.get("lora_alpha", r)), float(saved.get("lora_dropout", 0.0)), tuple(saved_targets), lc.adapter
+        r,
+        float(saved.get("lora_alpha", r)),
+        float(saved.get("lora_dropout", 0.0)),
+        tuple(saved_targets),
+        lc.adapter,
     )
 
 
@@ -154,12 +168,19 @@ class LoraTraining:
         return full - 2 * n_matmul + 6 * adapter_params(hf_config, self.spec)
 
     def export(
-        self, parts: list[nn.Module], hf_config: Any, tokenizer: Any, out_dir: str | os.PathLike, ckpt_cfg: Any
+        self,
+        parts: list[nn.Module],
+        hf_config: Any,
+        tokenizer: Any,
+        out_dir: str | os.PathLike,
+        ckpt_cfg: Any,
     ) -> None:
         export_adapter(parts, self.spec, Path(out_dir) / "adapter", self.base_path)
         if ckpt_cfg.export_hf:
             merged = [merged_state_dict(p, self.spec.scaling) for p in parts]
-            export_hf(parts, hf_config, tokenizer, Path(out_dir) / "hf", ckpt_cfg.export_dtype, state_dicts=merged)
+            export_hf(
+                parts, hf_config, tokenizer, Path(out_dir) / "hf", ckpt_cfg.export_dtype, state_dicts=merged
+            )
 
 
 def _attn_width(hf_config: Any) -> int:
@@ -245,7 +266,9 @@ class _MergedView(Mapping):
             return value
         delta = lora.merged_delta(_full(self.sd[pair[0]]), _full(self.sd[pair[1]]), self.scaling)
         if isinstance(value, DTensor):  # every rank computed the whole delta: each keeps its own shard
-            delta = distribute_tensor(delta.to(value.device), value.device_mesh, value.placements, src_data_rank=None)
+            delta = distribute_tensor(
+                delta.to(value.device), value.device_mesh, value.placements, src_data_rank=None
+            )
         return value.float() + delta
 
 

@@ -32,7 +32,12 @@ class TrainingKind(Protocol):
         ...
 
     def export(
-        self, parts: list[nn.Module], hf_config: Any, tokenizer: Any, out_dir: str | os.PathLike, ckpt_cfg: Any
+        self,
+        parts: list[nn.Module],
+        hf_config: Any,
+        tokenizer: Any,
+        out_dir: str | os.PathLike,
+        ckpt_cfg: Any,
     ) -> None:
         """Collective: what the run leaves under output_dir at the end."""
         ...
@@ -51,7 +56,12 @@ class FullTraining:
         return flops_per_token(hf_config, seq_len)
 
     def export(
-        self, parts: list[nn.Module], hf_config: Any, tokenizer: Any, out_dir: str | os.PathLike, ckpt_cfg: Any
+        self,
+        parts: list[nn.Module],
+        hf_config: Any,
+        tokenizer: Any,
+        out_dir: str | os.PathLike,
+        ckpt_cfg: Any,
     ) -> None:
         if ckpt_cfg.export_hf:
             export_hf(parts, hf_config, tokenizer, os.path.join(out_dir, "hf"), ckpt_cfg.export_dtype)
