@@ -72,10 +72,6 @@ def validate_lora(cfg: Any) -> None:
             "parallel.engine",
             f"LoRA runs on the fsdp2 engine only (got {p.engine}); FSDP2 already shards the frozen base over dp x cp",
         )
-    if cfg.model.path is None and not lc.adapter:
-        log.warning(
-            "lora: the base model is randomly initialised (model.config); adapters usually go on a pretrained model"
-        )
 
 
 def lora_spec(lc: Any) -> lora.LoraSpec:

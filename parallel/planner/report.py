@@ -83,6 +83,8 @@ def plan_rows(
     overhead = int(rates.overhead_gib * GIB)
     rows = []
     for c in cands:
+        if work.lora_rank and c.layout.tp > 1 and c.reason is None:
+            c.reason = "parallel.tp: LoRA runs without TP (the adapters are not tensor-parallel)"
         if c.reason is None:
             mem = memory_breakdown(shape, c.layout, work, overhead)
             rows.append(PlanRow(c, mem, step_time(shape, c.layout, work, rates, gpn), limit))
