@@ -261,5 +261,6 @@ def _switches(work) -> str:
         "fsdp_cpu_offload" if work.fsdp_cpu_offload else "",
         "cp_accum input" if work.cp_accum == "input" else "",
         "compiled" if work.compiled else "",
+        f"LoRA r={work.lora_rank} (frozen base)" if work.lora_rank else "",
     ]
     return "".join(f", {x}" for x in on if x)
