@@ -118,7 +118,6 @@ class LoraTraining:
     """Adapters train, the base is frozen (see the module docstring)."""
 
     name = "lora"
-    checkpoint_frozen = False
 
     def __init__(self, spec: lora.LoraSpec, model_dtype: torch.dtype, base_path: str | None):
         self.spec = spec
@@ -163,14 +162,8 @@ class LoraTraining:
         n_matmul = (full - 6 * hf_config.num_hidden_layers * _attn_width(hf_config) * seq_len) / 6
         return full - 2 * n_matmul + 6 * adapter_params(hf_config, self.spec)
 
-    def export(
-        self,
-        parts: list[nn.Module],
-        hf_config: Any,
-        tokenizer: Any,
-        out_dir: str | os.PathLike,
-        ckpt_cfg: Any,
-    ) -> None:
+    def export(self, engine: Any, hf_config: Any, tokenizer: Any, out_dir: Path, ckpt_cfg: Any) -> None:
+        parts = [engine.stage]
         export_adapter(parts, self.spec, Path(out_dir) / "adapter", self.base_path)
         if ckpt_cfg.export_hf:
             merged = [merged_state_dict(p, self.spec.scaling) for p in parts]
