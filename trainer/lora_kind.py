@@ -37,6 +37,9 @@ _UNSUPPORTED = {
     "rank_pattern": {},
     "alpha_pattern": {},
     "layers_to_transform": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
 }
 
 

@@ -48,8 +48,12 @@ def lora_settings(cfg: Any) -> tuple[int, tuple[str, ...]]:
     if lc is None or not (lc.r > 0 or lc.adapter):
         return 0, ()
     if lc.adapter:
-        from models.lora import read_adapter_config
+        from models.lora import LoraSpecError, read_adapter_config
+        from parallel.dims import ConfigError
 
-        saved = read_adapter_config(lc.adapter)
+        try:
+            saved = read_adapter_config(lc.adapter)
+        except LoraSpecError as exc:
+            raise ConfigError(exc.key, str(exc)) from None
         return int(saved["r"]), tuple(saved.get("target_modules") or ())
     return lc.r, tuple(lc.target_modules)
