@@ -235,6 +235,7 @@ def test_save_reload_round_trip(yaml_path, tmp_path):
         "checkpoint",
         "logging",
         "deepspeed",
+        "lora",
         "output_dir",
     ]
 
