@@ -11,7 +11,9 @@ and adapted linear.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any
 
 # nn.Linear names of a Llama-family decoder layer -> (in, out) as functions of the shape and tp
@@ -48,12 +50,12 @@ def lora_settings(cfg: Any) -> tuple[int, tuple[str, ...]]:
     if lc is None or not (lc.r > 0 or lc.adapter):
         return 0, ()
     if lc.adapter:
-        from models.lora import LoraSpecError, read_adapter_config
         from parallel.dims import ConfigError
 
         try:
-            saved = read_adapter_config(lc.adapter)
-        except LoraSpecError as exc:
-            raise ConfigError(exc.key, str(exc)) from None
+            with open(os.path.join(lc.adapter, "adapter_config.json")) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ConfigError("lora.adapter", f"cannot read its adapter_config.json: {exc}") from None
         return int(saved["r"]), tuple(saved.get("target_modules") or ())
     return lc.r, tuple(lc.target_modules)
