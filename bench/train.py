@@ -124,15 +124,16 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return label.strip(), {k.strip(): yaml.safe_load(v) for k, v in pairs}
 
 
-def build_stage(cfg, device: torch.device):
-    """The trainer's model, unsharded: HF model in fp32 -> CausalLMStage (the engine shards it)."""
+def build_stage(cfg, device: torch.device, kind=None):
+    """The trainer's model, unsharded: HF model (as `kind` builds it, a trainer/training_kind.py kind; default
+    full fine-tuning in fp32) -> CausalLMStage (the engine shards it)."""
     from models.causal_lm import CausalLMStage
-    from models.registry import build_hf_model
+    from trainer.training_kind import FullTraining
 
     # Random init straight on the device: same as the trainer's CPU build + .to(device), but an 8B
     # init on the CPU takes minutes.
     with torch.device(device):
-        hf = build_hf_model(None, cfg.model.config, dtype=torch.float32, seed=cfg.training.seed)
+        hf = (kind or FullTraining()).build_hf(cfg.model, cfg.training.seed)
     stage = CausalLMStage(hf, loss_chunk=cfg.training.loss_chunk)
     del hf
     stage.doc_mask = cfg.data.doc_mask
@@ -143,12 +144,12 @@ class EngineRow:
     """One engine of the trainer (trainer/engine.py: FSDP2 or DeepSpeed, per parallel.engine) around the
     trainer's model, stepped exactly as training steps it (no pipeline)."""
 
-    def __init__(self, cfg, mesh, dims, device: torch.device) -> None:
+    def __init__(self, cfg, mesh, dims, device: torch.device, kind=None) -> None:
         from models.parallelize import parallelize_llama
         from trainer.engine import EngineContext, build_engine
 
         self.engine = build_engine(
-            cfg, build_stage(cfg, device), EngineContext(mesh, dims, device, parallelize_llama)
+            cfg, build_stage(cfg, device, kind), EngineContext(mesh, dims, device, parallelize_llama)
         )
         self.optimizer = self.engine.optimizer
 

@@ -236,6 +236,7 @@ def test_save_reload_round_trip(yaml_path, tmp_path):
         "logging",
         "deepspeed",
         "eval",
+        "lora",
         "output_dir",
     ]
 

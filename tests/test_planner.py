@@ -444,3 +444,52 @@ def test_compile_in_the_model():
     assert (t1.matmul, t1.attention) == (t0.matmul, t0.attention)
     cfg = Config(model=ModelConfig(config=LLAMA_8B), parallel=ParallelConfig(compile=True))
     assert Workload.from_config(cfg).compiled
+
+
+def test_lora_in_the_model():
+    """LoRA: the frozen base costs b bytes per parameter (no fp32 master, gradient or AdamW state), the
+    adapters 16; no unsharded base gradient is gathered; the base matmuls lose their weight gradients; TP
+    layouts are invalid. The adapter count is checked against peft's own model."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from parallel.planner.lora import adapter_layer_params
+
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    tiny = hf(heads=4, kv=2, layers=2, head_dim=8)
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_config(tiny), peft.LoraConfig(r=3, target_modules=list(targets))
+    )
+    n_peft = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert adapter_layer_params(ModelShape.from_hf(tiny), 3, targets) * 2 == n_peft
+    assert adapter_layer_params(ModelShape.from_hf(tiny), 3, ("q_proj", "v_proj")) * 2 < n_peft
+
+    shape = ModelShape.from_hf(hf_of(config(LLAMA_8B, 8192)))
+    assert (
+        shape.layers * adapter_layer_params(shape, 16, targets) == 41_943_040
+    )  # Llama-3-8B, r=16, all linears
+    lay = Layout(2, 1, 1, 2, 1, "zigzag")
+    full = Workload(seq_len=131072, activation_checkpointing="full")
+    lora = dataclasses.replace(full, lora_rank=16, lora_targets=targets)
+    m_full, m_lora = memory_breakdown(shape, lay, full), memory_breakdown(shape, lay, lora)
+    base = -(-(shape.layers * shape.layer_params() + shape.root_params(1)) // 4)
+    adapters = -(-(shape.layers * adapter_layer_params(shape, 16, targets)) // 4)
+    assert (m_full.params, m_full.grads, m_full.optimizer) == (4 * base, 4 * base, 8 * base)
+    assert (m_lora.params, m_lora.grads, m_lora.optimizer) == (
+        2 * base + 4 * adapters,
+        4 * adapters,
+        8 * adapters,
+    )
+    assert m_lora.total < m_full.total - 10 * base  # (grads may hide under the saved activations)
+    t_full, t_lora = step_time(shape, lay, full, RATES), step_time(shape, lay, lora, RATES)
+    p_mm = shape.layers * shape.layer_matmul_params() + shape.vocab * shape.hidden
+    want = (4 * p_mm + 6 * shape.layers * adapter_layer_params(shape, 16, targets)) / (6 * p_mm)
+    assert t_lora.matmul / t_full.matmul == pytest.approx(want)
+    assert t_lora.attention == t_full.attention and t_lora.total < t_full.total
+
+    cfg = config(LLAMA_8B, 65536)
+    cfg.lora.r = 16
+    rows = plan_rows(cfg, 4, hf_of(cfg))
+    assert rows[0].fits and all(r.layout.tp == 1 for r in rows if r.valid)
+    assert any("LoRA" in r.reason for r in rows if not r.valid)
+    assert Workload.from_config(cfg).lora_rank == 16

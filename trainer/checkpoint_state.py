@@ -36,6 +36,13 @@ from torch.distributed.checkpoint.stateful import Stateful
 # Flat optimizer keys ("state.<fqn>.exp_avg") merge cleanly across pipeline stages and do not depend on
 # parameter order, which is what lets an optimizer state follow a change of layout.
 SD_OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
+# A part with frozen parameters (LoRA's base) saves only what trains: the frozen weights are rebuilt from
+# model.path, and loading (strict=False) leaves them as they are.
+TRAINED_OPTS = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True, strict=False)
+
+
+def sd_options(part: nn.Module) -> StateDictOptions:
+    return SD_OPTS if all(p.requires_grad for p in part.parameters()) else TRAINED_OPTS
 
 
 class CheckpointError(RuntimeError):
@@ -150,12 +157,13 @@ class ModelState(Stateful):
         self.parts = list(parts)
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: v for p in self.parts for k, v in get_model_state_dict(p, options=SD_OPTS).items()}
+        return {k: v for p in self.parts for k, v in get_model_state_dict(p, options=sd_options(p)).items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for part in self.parts:
-            keys = get_model_state_dict(part, options=SD_OPTS).keys()
-            set_model_state_dict(part, {k: state_dict[k] for k in keys}, options=SD_OPTS)
+            opts = sd_options(part)
+            keys = get_model_state_dict(part, options=opts).keys()
+            set_model_state_dict(part, {k: state_dict[k] for k in keys}, options=opts)
 
 
 class OptimizerState(Stateful):
@@ -168,13 +176,14 @@ class OptimizerState(Stateful):
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for part, opt in zip(self.parts, self.opts):
-            out.update(get_optimizer_state_dict(part, opt, options=SD_OPTS))
+            out.update(get_optimizer_state_dict(part, opt, options=sd_options(part)))
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for part, opt in zip(self.parts, self.opts):
-            keys = get_optimizer_state_dict(part, opt, options=SD_OPTS).keys()
-            set_optimizer_state_dict(part, opt, {k: state_dict[k] for k in keys}, options=SD_OPTS)
+            opts = sd_options(part)
+            keys = get_optimizer_state_dict(part, opt, options=opts).keys()
+            set_optimizer_state_dict(part, opt, {k: state_dict[k] for k in keys}, options=opts)
 
 
 def schedulers_of(scheduler: Any) -> list[Any]:

@@ -216,6 +216,23 @@ class DeepSpeedConfig:
     """Path to a ds_config JSON merged with the derived values (micro batch, grad accumulation, clipping, precision, stage, offload); "auto" takes longctx's value, a different value is an error."""
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0
+    """LoRA rank; 0 = off (full fine-tuning). > 0: the base weights stay frozen in model.dtype and only peft LoRA adapters train (fp32 masters); see docs/lora.md."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the adapter's update is (alpha / r) * B @ A."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (peft lora_dropout), in [0, 1)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Linear layers inside the decoder layers that get adapters (peft suffix match); default: the attention and MLP projections."""
+    adapter: str | None = None
+    """Directory of an existing PEFT adapter (adapter_config.json + weights) to start from; its r, alpha, dropout and target modules apply (lora.r and lora.target_modules must then be left at their defaults or match it)."""
+
+
 @dataclass
 class EvalConfig:
     path: str | None = None
@@ -243,6 +260,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     output_dir: str = "outputs/run"
     """Everything a run writes goes under this directory."""
 

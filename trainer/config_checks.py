@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from parallel.dims import ConfigError, check_seq_len, data_parallel_degree, ulysses_degree
 from trainer.ds_config import ENGINES, OFFLOAD_DEVICES, validate_engine
 from trainer.eval_checks import validate_eval
+from trainer.lora_kind import validate_lora
 
 if TYPE_CHECKING:
     from trainer.config import Config
@@ -157,6 +158,7 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("deepspeed.zero_stage", f"must be 1 | 2 | 3, got {cfg.deepspeed.zero_stage}")
     validate_engine(cfg)
     validate_eval(cfg)
+    validate_lora(cfg)
 
 
 def _check_layout(cfg: Config) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,21 @@ def export_hf(
     tokenizer: Any,
     out_dir: str | os.PathLike,
     dtype: str | torch.dtype = "bfloat16",
+    state_dicts: list[Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Collective. Write a `from_pretrained`-loadable directory (safetensors + config + tokenizer).
 
     Tensors are gathered one at a time (DTensor.full_tensor), so no rank holds more than its own parts in
     full. The lowest rank holding a key writes it: rank 0 for a plain or FSDP/TP model, the first rank
-    of each pipeline stage under PP, each into its own safetensors shard plus an index.
+    of each pipeline stage under PP, each into its own safetensors shard plus an index. `state_dicts`
+    (one per part, HF names) replaces the parts' own state dicts, e.g. LoRA weights merged into the base.
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     rank = _rank()
-    sds = [get_model_state_dict(p) for p in model_parts]
+    sds = state_dicts if state_dicts is not None else [get_model_state_dict(p) for p in model_parts]
     owners: dict[str, int] = {}
     for r, keys in enumerate(_all_gather(sorted({k for sd in sds for k in sd}))):
         for k in keys:

@@ -36,6 +36,8 @@ class RunLayout:
     """Facts worth logging (KV-head replication, seq_len beyond max_position_embeddings)."""
     warnings: list[str] = field(default_factory=list)
     """Likely mistakes that do not stop the run (a demo tokenizer next to a model that ships its own)."""
+    kind: Any = None
+    """What trains: full fine-tuning or LoRA (trainer/training_kind.py), its settings checked against the model."""
 
 
 def load_model_config(cfg: Config) -> Any:
@@ -97,7 +99,10 @@ def validate_run(
     shape = ModelShape.from_hf(hf)
     device = run_device_type(cfg.training.device) if device_type is None else device_type
     notes = check_layout(dims, shape, run_settings(cfg, device))
-    return RunLayout(cfg, dims, hf, shape, notes, tokenizer_warnings(cfg))
+    from trainer.training_kind import training_kind
+
+    kind = training_kind(cfg, hf)  # LoRA targets and starting adapter against the model (no weights)
+    return RunLayout(cfg, dims, hf, shape, notes, tokenizer_warnings(cfg), kind)
 
 
 def check_vocab(cfg: Config, hf_config: Any, tokenizer: Any) -> None:

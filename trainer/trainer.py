@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from models.causal_lm import CausalLMStage, split_layers
-from models.registry import DTYPES, build_hf_model, family_of
+from models.registry import DTYPES, family_of
 from parallel.dims import sub_mesh, sub_rank_and_size
 from trainer import distributed
 from trainer.checkpoint import Checkpointer, check_writable
@@ -23,7 +23,7 @@ from trainer.errors import ModelLoadError, one_line
 from trainer.evaluate import build_evaluator, load_weights_for_eval
 from trainer.layout import check_vocab, validate_run
 from trainer.logging_utils import setup_logging
-from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
+from trainer.metrics import MetricsLogger, device_peak_flops
 from trainer.optim import build_scheduler
 from trainer.signals import StopSignal
 from trainer.step import StepResult
@@ -71,6 +71,7 @@ class Trainer:
         cfg = self.cfg = run.cfg  # parallel.auto / cp_strategy=auto filled in
         check_vocab(cfg, run.hf_config, load_tokenizer(cfg))
         self.hf_config, self.dims, self.family = run.hf_config, run.dims, family_of(run.hf_config)
+        self.kind = run.kind  # full fine-tuning or LoRA (trainer/training_kind.py)
         for note in run.notes:
             log.info("layout note: %s", note)
         for warning in run.warnings:
@@ -104,9 +105,9 @@ class Trainer:
     def _build_stage(self) -> CausalLMStage:
         """This rank's pipeline stage of the model, unsharded (the engine shards it)."""
         cfg = self.cfg
-        # fp32 master weights; FSDP's mixed-precision policy casts to model.dtype for compute.
+        # Trained weights are fp32 masters; FSDP's mixed-precision policy casts to model.dtype for compute.
         try:
-            hf = build_hf_model(cfg.model.path, cfg.model.config, dtype=torch.float32, seed=cfg.training.seed)
+            hf = self.kind.build_hf(cfg.model, cfg.training.seed)
         except (OSError, ValueError) as exc:
             where = f"model.path {cfg.model.path!r}" if cfg.model.path else "model.config"
             raise ModelLoadError(f"{where}: could not build the model: {one_line(exc)}") from None
@@ -229,7 +230,7 @@ class Trainer:
             self.rank,
             self.world,
             config_to_dict(cfg),
-            flops_per_token=flops_per_token(self.hf_config, cfg.training.seq_len),
+            flops_per_token=self.kind.flops_per_token(self.hf_config, cfg.training.seq_len),
             peak_flops=device_peak_flops(self.device, DTYPES[cfg.model.dtype]),
             start_step=self.step,
         )
@@ -274,10 +275,7 @@ class Trainer:
                     return last
             self.save()
             self.checkpointer.wait()
-            if cfg.checkpoint.export_hf:
-                self.engine.export_hf(
-                    self.hf_config, self.tokenizer, self.out / "hf", cfg.checkpoint.export_dtype
-                )
+            self.kind.export(self.engine, self.hf_config, self.tokenizer, self.out, cfg.checkpoint)
             metrics.summary({"final_step": self.step, "final_loss": last.get("loss")})
         finally:
             metrics.close()

@@ -18,6 +18,8 @@ T = m*Tm local tokens per pass and S = seq_len:
                 overlapped with compute except the first layer's gather
     pp bubble   (p-1)/m of the busy time = (p-1)/(m+p-1) of the step
     step        passes x the sum (grad_accum passes without PP, one pipeline pass with it)
+    LoRA        frozen base: 4 instead of 6 * T * P matmul FLOPs, + 6 * T * P_adapter; only the adapters are
+                reduce-scattered and stepped (parallel/planner/lora.py)
 
 Forward communication repeats for every recomputed layer. Groups that fit in `gpus_per_node` consecutive
 ranks use NVLink rates; the mesh puts tp innermost, then ulysses, ring, dp, pp (parallel/dims.py).
@@ -30,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 from parallel.planner.calibration import DeviceRates
 from parallel.planner.enumerate import Layout
+from parallel.planner.lora import adapter_layer_params
 from parallel.planner.memory import ModelShape, Workload, rank_view
 
 SMALL_BLOCK_TOKENS = 512  # assumed half-efficiency block length of the attention kernels
@@ -101,8 +104,14 @@ def step_time(
     intra = {k: span <= gpus_per_node for k, span in group_spans(layout).items()}
     ac = ac_fraction(work.activation_checkpointing, ls)
 
-    mm_layers = 6 * rv.tokens * ls * shape.layer_matmul_params(layout.tp) / mm_rate
-    mm_head = 6 * rv.tokens * shape.vocab * h / mm_rate
+    # LoRA: frozen base matmuls run forward + input gradient only (4 T P), the adapters all three passes.
+    base_passes = 4 if work.lora_rank else 6
+    p_adapter = adapter_layer_params(shape, work.lora_rank, work.lora_targets, layout.tp)
+    p_mm = shape.layer_matmul_params(layout.tp)
+    mm_layers = rv.tokens * ls * (base_passes * p_mm + 6 * p_adapter) / mm_rate
+    mm_fwd_layers = 2 * rv.tokens * ls * (p_mm + p_adapter) / mm_rate
+    mm_head = base_passes * rv.tokens * shape.vocab * h / mm_rate
+    mm_fwd_head = 2 * rv.tokens * shape.vocab * h / mm_rate
     imbalance = (2 * layout.ring - 1) / layout.ring if layout.cp_layout == "contiguous" else 1.0
     attn_flops = 7 * rv.mb_seqs * m * work.seq_len**2 * rv.heads * d * ls / layout.cp
     # Small kernel calls run below the calibrated rate (tile ramp-up, launch): efficiency n / (n + 512)
@@ -113,10 +122,10 @@ def step_time(
     attention = balanced * imbalance
     chunked = work.seq_len // layout.cp > max(1, work.loss_chunk // rv.mb_seqs)
     attn_recompute = 0.0 if work.activation_checkpointing == "full_keep_attn" else attention / 3.5
-    recompute = ac * (mm_layers / 3 + attn_recompute) + (mm_head / 3 if chunked else 0.0)
+    recompute = ac * (mm_fwd_layers + attn_recompute) + (mm_fwd_head if chunked else 0.0)
     g = min(work.ac_group, ls) if work.activation_checkpointing == "full" else 1
     if g > 1:  # rebuilding a group's layer inputs: one more forward of g - 1 of its g layers
-        recompute += (g - 1) / g * (mm_layers / 3 + attention / 3.5)
+        recompute += (g - 1) / g * (mm_fwd_layers + attention / 3.5)
 
     # Per layer and microbatch; attention time per ring step is what a KV transfer can hide behind. Only
     # the balanced share counts: a transfer (and an FSDP collective) waits for the least busy rank too.
@@ -154,7 +163,8 @@ def step_time(
         # Resharding after forward gathers each layer again in backward - per microbatch under PP.
         regather = 2 * m if work.reshard_after_forward else 1
         gathers = ls * regather * p_layer + p_root
-        total = share * (b * gathers + 4 * (ls * p_layer + p_root)) / bw
+        reduced = ls * p_adapter if work.lora_rank else ls * p_layer + p_root  # fp32 reduce-scatter
+        total = share * (b * gathers + 4 * reduced) / bw
         first = share * b * p_layer / bw
         fsdp = first + max(0.0, total - (mm_layers + mm_head + balanced + recompute))
 
@@ -165,7 +175,12 @@ def step_time(
     # rate is the calibrated effective one (calibration.py), not the HBM's peak.
     hbm = rates.elementwise_gbps * 1e9
     per_token = 60 * h + 12 * shape.intermediate / layout.tp + 16 * (rv.heads + rv.kv_heads) * d
-    shard = (ls * shape.layer_params(layout.tp) + shape.root_params(layout.pp)) / (layout.dp * layout.cp)
+    trained = (
+        ls * p_adapter
+        if work.lora_rank
+        else ls * shape.layer_params(layout.tp) + shape.root_params(layout.pp)
+    )
+    shard = trained / (layout.dp * layout.cp)  # what AdamW steps
     fused = COMPILED_ELEMENTWISE if work.compiled else 1.0  # the optimizer step is not compiled
     memory_bound = (
         rv.tokens * (ls * per_token * (3 + ac) + 40 * shape.vocab) * fused + 28 * shard / rv.steps

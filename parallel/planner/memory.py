@@ -7,6 +7,8 @@ under Ulysses when g/t < U), Ls = ceil(L/p) layers, Tm = local tokens of one mic
 the step's grad_accum*micro_batch sequences form m = pp_microbatches microbatches (default one sequence).
 
     params + grads + AdamW   16 * ceil(P_stage / F)        fp32 master, fp32 grads, 2 fp32 moments
+                             (LoRA: b * ceil(P_stage / F) frozen base + 16 * ceil(P_adapter / F); no
+                             unsharded base or head gradient in `gathered` - parallel/planner/lora.py)
     gathered (FSDP)          b * P_root  + b * V*h  + (3b + 4) * P_layer
                              root (embeddings, norm, head) stays gathered, the head's unsharded grad
                              lives until the root reduce-scatter, and per layer: the one computing, the
@@ -55,6 +57,7 @@ from typing import Any
 
 from parallel.cp.ring import BACKWARD_ROWS
 from parallel.planner.enumerate import Layout
+from parallel.planner.lora import adapter_activation_bytes, adapter_layer_params, lora_settings
 from parallel.shape import ModelShape
 
 GIB = 1024**3
@@ -81,11 +84,15 @@ class Workload:
     cp_accum: str = "float32"
     compiled: bool = False
     """parallel.compile: torch.compile fuses each layer's elementwise work and the loss chunk."""
+    lora_rank: int = 0
+    """lora.r: > 0 trains adapters on a frozen base (parallel/planner/lora.py)."""
+    lora_targets: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: Any) -> Workload:
         """From a trainer Config (read by attribute: parallel/ does not import trainer/)."""
         t, p = cfg.training, cfg.parallel
+        rank, targets = lora_settings(cfg)
         return cls(
             seq_len=t.seq_len,
             micro_batch_size=t.micro_batch_size,
@@ -103,6 +110,8 @@ class Workload:
             mlp_chunks=p.mlp_chunks,
             cp_accum=p.cp_accum,
             compiled=p.compile,
+            lora_rank=rank,
+            lora_targets=targets,
         )
 
 
@@ -174,6 +183,7 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout, work: Workload, to
         + out_copies * b * rv.heads * d
         + 4 * rv.heads
         + mlp_bytes(shape, layout, work, mlp_tensors(work))
+        + adapter_activation_bytes(work.lora_rank, work.lora_targets, b)
     )
     return replicated + per_token * tokens
 
@@ -324,10 +334,19 @@ def memory_breakdown(
     kept = rv.stage_layers if not work.reshard_after_forward else 2
     gathered_root = b * p_root + b * shape.vocab * shape.hidden
     gathered = gathered_root + b * kept * p_layer + (b + 4) * p_layer
+    params, trained = 4 * on_gpu, on_gpu
+    if work.lora_rank:  # frozen base in the compute dtype; only the adapters have grads and AdamW state
+        p_adapter = adapter_layer_params(shape, work.lora_rank, work.lora_targets, layout.tp)
+        trained = (
+            0 if work.fsdp_cpu_offload else math.ceil(rv.stage_layers * p_adapter / (layout.dp * layout.cp))
+        )
+        params = b * on_gpu + 4 * trained
+        gathered_root = b * p_root  # no unsharded LM-head gradient
+        gathered = gathered_root + b * kept * p_layer + (b + 4) * p_adapter
     return MemoryBreakdown(
-        params=4 * on_gpu,
-        grads=4 * on_gpu,
-        optimizer=8 * on_gpu,
+        params=params,
+        grads=4 * trained,
+        optimizer=8 * trained,
         gathered=gathered,
         activations=activation_bytes(shape, layout, work),
         attention=attention_buffer_bytes(shape, layout, work),

@@ -83,6 +83,8 @@ def plan_rows(
     overhead = int(rates.overhead_gib * GIB)
     rows = []
     for c in cands:
+        if work.lora_rank and c.layout.tp > 1 and c.reason is None:
+            c.reason = "parallel.tp: LoRA runs without TP (the adapters are not tensor-parallel)"
         if c.reason is None:
             mem = memory_breakdown(shape, c.layout, work, overhead)
             rows.append(PlanRow(c, mem, step_time(shape, c.layout, work, rates, gpn), limit))
@@ -259,5 +261,6 @@ def _switches(work) -> str:
         "fsdp_cpu_offload" if work.fsdp_cpu_offload else "",
         "cp_accum input" if work.cp_accum == "input" else "",
         "compiled" if work.compiled else "",
+        f"LoRA r={work.lora_rank} (frozen base)" if work.lora_rank else "",
     ]
     return "".join(f", {x}" for x in on if x)
