@@ -133,7 +133,7 @@ def build_stage(cfg, device: torch.device):
     # init on the CPU takes minutes.
     with torch.device(device):
         hf = build_hf_model(None, cfg.model.config, dtype=torch.float32, seed=cfg.training.seed)
-    stage = CausalLMStage(hf, loss_chunk=cfg.training.loss_chunk)
+    stage = CausalLMStage(hf, loss_chunk=cfg.training.loss_chunk, loss_impl=cfg.training.loss_impl)
     del hf
     stage.doc_mask = cfg.data.doc_mask
     return stage
