@@ -104,7 +104,9 @@ def _stage(seed: int = 0, lora: bool = False):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        hf = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        hf = get_peft_model(
+            hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+        )
         for name, p in hf.named_parameters():  # a trained adapter: B != 0, so the adapter path matters
             if "lora_B" in name:
                 nn.init.normal_(p, std=0.02)

@@ -37,7 +37,9 @@ def _rel(a, b):
 
 
 def _reference(hidden, head, labels):
-    logits = F.linear(hidden.double(), head.weight.double(), None if head.bias is None else head.bias.double())
+    logits = F.linear(
+        hidden.double(), head.weight.double(), None if head.bias is None else head.bias.double()
+    )
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
