@@ -94,5 +94,5 @@ def test_loss_impls_match_chunked_on_cuda():
     for name, fn in impls.items():
         got = _run(fn, hidden, head, labels)
         errs = [((g - r).norm() / r.norm()).item() for g, r in zip(got, ref)]
-        print(name, ["%.1e" % e for e in errs])
+        print(name, [f"{e:.1e}" for e in errs])
         assert errs[0] < 1e-3 and errs[1] < 2e-2 and errs[2] < 2e-2, (name, errs)

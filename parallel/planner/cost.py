@@ -13,6 +13,9 @@ T = m*Tm local tokens per pass and S = seq_len:
                 step computes (as parallel/cp/ring.py does); only its last hop is exposed.
                 Ulysses: 4 all-to-alls forward (q, k, v, out) and 4 backward, (U-1)/U of
                 b*Tm*(2*a_r + 2*k_r)*d bytes, never hidden.
+    fp8         training.fp8: the projections' GEMMs at the FP8 rate (calibration.py `fp8_rate`), the LM head
+                at bf16's; the dynamic casts add `fp8_cast_bytes` to the memory-bound term; with FP8
+                all-gather FSDP gathers the projection weights at 1 byte per parameter
     tp comm     2 all-reduces forward + 2 backward per layer of b*Tm*h bytes, 2*(t-1)/t of it on the wire
     fsdp comm   all-gather (b) and reduce-scatter (fp32) of the stage's parameters, (F-1)/F of it;
                 overlapped with compute except the first layer's gather
@@ -82,6 +85,16 @@ def group_spans(layout: Layout) -> dict[str, int]:
     return {"tp": t, "ulysses": t * u, "ring": t * c, "fsdp": t * c * layout.dp}
 
 
+def fp8_cast_bytes(h: int, heads: int, kv_heads: int, d: int, inter: float) -> float:
+    """Bytes per token and layer that torchao's dynamic FP8 casts move in one forward + backward (an
+    estimate, not a measurement): each projection's input is read twice (amax, then cast) and written as
+    FP8 (5 bytes per bf16 element) in the forward, its output gradient likewise in the backward, and both
+    once more (3 bytes) for the grad-weight GEMM's transposed FP8 copies."""
+    ins = 5 * h + heads * d + inter  # q, k, v, gate, up read h; o reads the heads; down the MLP width
+    outs = 2 * h + (heads + 2 * kv_heads) * d + 2 * inter
+    return 5 * ins + 5 * outs + 3 * (ins + outs)
+
+
 def ac_fraction(mode: str, layers: int) -> float:
     """Share of the stage's layers whose forward runs twice."""
     return {"none": 0.0, "full": 1.0, "full_keep_attn": 1.0, "selective": math.ceil(layers / 2) / layers}[
@@ -101,7 +114,9 @@ def step_time(
     intra = {k: span <= gpus_per_node for k, span in group_spans(layout).items()}
     ac = ac_fraction(work.activation_checkpointing, ls)
 
-    mm_layers = 6 * rv.tokens * ls * shape.layer_matmul_params(layout.tp) / mm_rate
+    fp8 = work.fp8 and b == 2  # training.fp8: the projections at the FP8 rate, the LM head stays bf16
+    layer_rate = rates.fp8_rate(work.fp8_recipe) * 1e12 if fp8 else mm_rate
+    mm_layers = 6 * rv.tokens * ls * shape.layer_matmul_params(layout.tp) / layer_rate
     mm_head = 6 * rv.tokens * shape.vocab * h / mm_rate
     imbalance = (2 * layout.ring - 1) / layout.ring if layout.cp_layout == "contiguous" else 1.0
     attn_flops = 7 * rv.mb_seqs * m * work.seq_len**2 * rv.heads * d * ls / layout.cp
@@ -153,9 +168,15 @@ def step_time(
         p_layer, p_root = shape.layer_params(layout.tp), shape.root_params(layout.pp)
         # Resharding after forward gathers each layer again in backward - per microbatch under PP.
         regather = 2 * m if work.reshard_after_forward else 1
-        gathers = ls * regather * p_layer + p_root
-        total = share * (b * gathers + 4 * (ls * p_layer + p_root)) / bw
-        first = share * b * p_layer / bw
+        # FP8 all-gather: the projection weights travel as 1 byte each (norms and root stay at b).
+        gb = (
+            (1 * shape.layer_matmul_params(layout.tp) + b * 2 * h) / p_layer
+            if work.fp8_all_gather and fp8
+            else b
+        )
+        gathers = ls * regather * p_layer * gb + p_root * b
+        total = share * (gathers + 4 * (ls * p_layer + p_root)) / bw
+        first = share * gb * p_layer / bw
         fsdp = first + max(0.0, total - (mm_layers + mm_head + balanced + recompute))
 
     # Memory-bound elementwise work per token and layer (forward): two RMSNorms with their fp32 upcast
@@ -165,6 +186,8 @@ def step_time(
     # rate is the calibrated effective one (calibration.py), not the HBM's peak.
     hbm = rates.elementwise_gbps * 1e9
     per_token = 60 * h + 12 * shape.intermediate / layout.tp + 16 * (rv.heads + rv.kv_heads) * d
+    if fp8:
+        per_token += fp8_cast_bytes(h, rv.heads, rv.kv_heads, d, shape.intermediate / layout.tp) / 3
     shard = (ls * shape.layer_params(layout.tp) + shape.root_params(layout.pp)) / (layout.dp * layout.cp)
     fused = COMPILED_ELEMENTWISE if work.compiled else 1.0  # the optimizer step is not compiled
     memory_bound = (

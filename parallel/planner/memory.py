@@ -81,6 +81,11 @@ class Workload:
     cp_accum: str = "float32"
     compiled: bool = False
     """parallel.compile: torch.compile fuses each layer's elementwise work and the loss chunk."""
+    fp8: bool = False
+    """training.fp8: the decoder projections' matmuls at the FP8 rate, plus their cast traffic (cost.py)."""
+    fp8_recipe: str = "tensorwise"
+    fp8_all_gather: bool = False
+    """FSDP2 all-gathers the FP8-cast projection weights (1 byte per parameter)."""
 
     @classmethod
     def from_config(cls, cfg: Any) -> Workload:
@@ -103,6 +108,9 @@ class Workload:
             mlp_chunks=p.mlp_chunks,
             cp_accum=p.cp_accum,
             compiled=p.compile,
+            fp8=t.fp8,
+            fp8_recipe=t.fp8_recipe,
+            fp8_all_gather=t.fp8 and t.fp8_recipe == "tensorwise" and t.fp8_all_gather and p.engine == "fsdp2",
         )
 
 
