@@ -190,7 +190,7 @@ def _train(rank: int, world: int, cases: list[tuple[str, dict]]) -> dict:
     from torchao.float8.float8_linear import Float8Linear
 
     from bench.common import random_batches
-    from bench.train import Fsdp2Row
+    from bench.train import EngineRow
     from parallel.dims import ParallelDims
 
     out = {}
@@ -200,8 +200,8 @@ def _train(rank: int, world: int, cases: list[tuple[str, dict]]) -> dict:
         raw["data"] = {"doc_mask": False}
         cfg = build_config(raw, overrides)
         dims = ParallelDims.from_config(cfg.parallel, world)
-        row = Fsdp2Row(cfg, dims.build_mesh("cpu"), dims, torch.device("cpu"))
-        f8 = [m for m in row.stage.modules() if isinstance(m, Float8Linear)]
+        row = EngineRow(cfg, dims.build_mesh("cpu"), dims, torch.device("cpu"))
+        f8 = [m for m in row.engine.stage.modules() if isinstance(m, Float8Linear)]
         sharded = sum(
             isinstance(m.weight, DTensor) and "tp" in (m.weight.device_mesh.mesh_dim_names or ()) for m in f8
         )
