@@ -236,3 +236,48 @@ def test_fp8_training_under_cp_and_tp():
             assert 0 < abs(a - b) / b < 2e-3, (fp8_case, res[fp8_case]["losses"], res[ref]["losses"])
     for a, b in zip(res["cp2-fused"]["losses"], res["cp2"]["losses"]):
         assert abs(a - b) / b < 1e-5, (res["cp2-fused"]["losses"], res["cp2"]["losses"])
+
+
+def _save_load_export(rank: int, world: int, tmp: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    from bench.train import EngineRow
+    from parallel.dims import ParallelDims
+
+    raw = _raw()
+    raw["model"]["dtype"] = "float32"
+    rows = {}
+    for name, fp8 in (("plain", False), ("fp8", True)):
+        cfg = build_config(raw, {"training.fp8": fp8, "training.fp8_all_gather": True})  # FP8-cast wrappers
+        dims = ParallelDims.from_config(cfg.parallel, world)
+        rows[name] = EngineRow(cfg, dims.build_mesh("cpu"), dims, torch.device("cpu"))
+    engine = rows["fp8"].engine
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    wrapped = sum(
+        isinstance(getattr(p, "_local_tensor", p), WeightWithDynamicFloat8CastTensor)
+        for p in engine.stage.parameters()
+    )
+    dcp.save(engine.checkpoint_entries(), checkpoint_id=os.path.join(tmp, "ckpt"))
+    with torch.no_grad():  # spoil the weights, then load them back
+        for p in engine.stage.parameters():
+            p.mul_(0.5)
+    dcp.load(engine.checkpoint_entries(), checkpoint_id=os.path.join(tmp, "ckpt"))
+    engine.export_hf(engine.stage.config, None, os.path.join(tmp, "hf"), "float32")
+    rows["plain"].engine.export_hf(engine.stage.config, None, os.path.join(tmp, "hf_plain"), "float32")
+    return wrapped
+
+
+@needs_torchao
+def test_fp8_all_gather_weights_checkpoint_and_export(tmp_path):
+    """With FP8 all-gather the weights are torchao wrapper tensors: a DCP save/load round trip and the HF
+    export still give exactly the weights of the same model without FP8 (same seed, no step taken)."""
+    from safetensors.torch import load_file
+
+    wrapped = run_distributed(_save_load_export, 2, str(tmp_path), timeout=600)[0]
+    assert wrapped == 7 * TINY["num_hidden_layers"]
+    fp8 = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    plain = load_file(str(tmp_path / "hf_plain" / "model.safetensors"))
+    assert fp8.keys() == plain.keys() and any("q_proj" in k for k in fp8)
+    for key, value in plain.items():
+        assert type(fp8[key]) is torch.Tensor and torch.equal(fp8[key], value), key
