@@ -2,11 +2,11 @@
 Qwen2 and Mistral.
 
 The order matters: the FP8 swap (training.fp8) comes first because it replaces the projection modules, and
-TP's input/output hooks would be lost with the modules they were registered on; TP then shards the
-Float8Linear weights like any nn.Linear (the matmuls run in FP8 on each rank's shard) and turns the
-projections into DTensors (so the attention sees its local heads); CP only needs those local heads; checkpointing and compile wrap the finished layers (compile after TP so
-DTensor ops are traced, before FSDP so FSDP's hooks stay outside the compiled region); FSDP comes last and
-shards whatever the others built, over dp x cp.
+TP's input/output hooks would be lost with the modules they were registered on. TP then shards the
+projections (Float8Linear like any nn.Linear: each rank's shard runs its matmuls in FP8) into DTensors, so
+the attention sees its local heads; CP only needs those local heads; checkpointing and compile wrap the
+finished layers (compile after TP so DTensor ops are traced, before FSDP so FSDP's hooks stay outside the
+compiled region); FSDP comes last and shards whatever the others built, over dp x cp.
 """
 
 from __future__ import annotations
