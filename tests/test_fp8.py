@@ -68,6 +68,7 @@ def test_fp8_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         validate_device_features(cfg, torch.device("cpu"))
     # An Ampere GPU (sm80) has no FP8 tensor cores; Hopper (sm90) passes.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-80GB")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
     with pytest.raises(ConfigError, match="sm80"):
