@@ -134,7 +134,7 @@ def build_stage(cfg, device: torch.device, kind=None):
     # init on the CPU takes minutes.
     with torch.device(device):
         hf = (kind or FullTraining()).build_hf(cfg.model, cfg.training.seed)
-    stage = CausalLMStage(hf, loss_chunk=cfg.training.loss_chunk)
+    stage = CausalLMStage(hf, loss_chunk=cfg.training.loss_chunk, loss_impl=cfg.training.loss_impl)
     del hf
     stage.doc_mask = cfg.data.doc_mask
     return stage

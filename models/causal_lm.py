@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.fused_loss import IMPLS, fused_cross_entropy_sum, liger_cross_entropy_sum
 from models.loss import chunked_cross_entropy_sum, chunked_token_scores
 from models.offload import HostOffload
 from parallel.cp.spec import CPSpec
@@ -23,7 +24,12 @@ from parallel.cp.spec import CPSpec
 
 class CausalLMStage(nn.Module):
     def __init__(
-        self, hf_model: nn.Module, first_layer: int = 0, last_layer: int | None = None, loss_chunk: int = 4096
+        self,
+        hf_model: nn.Module,
+        first_layer: int = 0,
+        last_layer: int | None = None,
+        loss_chunk: int = 4096,
+        loss_impl: str = "chunked",
     ):
         super().__init__()
         inner = hf_model.model
@@ -33,6 +39,9 @@ class CausalLMStage(nn.Module):
         self.is_first = first_layer == 0
         self.is_last = last_layer == n_layers
         self.loss_chunk = loss_chunk
+        if loss_impl not in IMPLS:
+            raise ValueError(f"training.loss_impl: must be one of {' | '.join(IMPLS)}, got {loss_impl!r}")
+        self.loss_impl = loss_impl  # training.loss_impl: chunked | fused | liger (models/fused_loss.py)
         self.compile_loss = False  # parallel.compile: the chunked loss through torch.compile too
         self.model = nn.Module()  # mirrors HF naming: model.embed_tokens / model.layers.<i> / model.norm
         self.model.embed_tokens = inner.embed_tokens if self.is_first else None
@@ -115,10 +124,14 @@ class CausalLMStage(nn.Module):
         if per_token:
             return chunked_token_scores(h, self.lm_head, labels, self.loss_chunk)
         # Shape [1], not a scalar: the pipeline schedule concatenates stage outputs across micro-batches.
-        return (
-            chunked_cross_entropy_sum(h, self.lm_head, labels, self.loss_chunk, self.compile_loss)
-            * self.loss_scale
-        ).reshape(1)
+        return (self._loss_sum(h, labels) * self.loss_scale).reshape(1)
+
+    def _loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.loss_impl == "fused":
+            return fused_cross_entropy_sum(h, self.lm_head, labels, self.loss_chunk, self.compile_loss)
+        if self.loss_impl == "liger" and torch.is_grad_enabled():
+            return liger_cross_entropy_sum(h, self.lm_head, labels)
+        return chunked_cross_entropy_sum(h, self.lm_head, labels, self.loss_chunk, self.compile_loss)
 
 
 class TiledMLP(nn.Module):

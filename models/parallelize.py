@@ -1,17 +1,22 @@
-"""parallelize_llama: TP -> CP -> lean norms -> activation checkpointing -> compile -> FSDP2, for Llama, Qwen2
-and Mistral.
+"""parallelize_llama: FP8 -> TP -> CP -> lean norms -> activation checkpointing -> compile -> FSDP2, for Llama,
+Qwen2 and Mistral.
 
-The order matters: TP first turns the projections into DTensors (so the attention sees its local heads);
-CP only needs those local heads; checkpointing and compile wrap the finished layers (compile after TP so
-DTensor ops are traced, before FSDP so FSDP's hooks stay outside the compiled region); FSDP comes last and
-shards whatever the others built, over dp x cp.
+The order matters: the FP8 swap (training.fp8) comes first because it replaces the projection modules, and
+TP's input/output hooks would be lost with the modules they were registered on. TP then shards the
+projections (Float8Linear like any nn.Linear: each rank's shard runs its matmuls in FP8) into DTensors, so
+the attention sees its local heads; CP only needs those local heads; checkpointing and compile wrap the
+finished layers (compile after TP so DTensor ops are traced, before FSDP so FSDP's hooks stay outside the
+compiled region); FSDP comes last and shards whatever the others built, over dp x cp.
 """
 
 from __future__ import annotations
 
+import logging
+
 from torch.distributed.device_mesh import DeviceMesh
 
 from models.causal_lm import CausalLMStage, tile_mlps
+from models.fp8 import convert_projections
 from models.norm import lean_norms
 from models.registry import DTYPES, register_family
 from parallel.ac import checkpointed_layers, keeps_attention
@@ -20,12 +25,17 @@ from parallel.dims import ParallelDims, sub_mesh
 from parallel.fsdp import apply_fsdp
 from parallel.tp import apply_tp, sequence_shard_fns
 
+log = logging.getLogger("longctx")
+
 
 def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims, cfg) -> CausalLMStage:
     """Apply every parallelism of `cfg.parallel` to one pipeline stage (in place); returns it.
     With parallel.engine other than fsdp2 everything but the FSDP wrapping is applied."""
     pcfg = cfg.parallel
     layers = list(stage.model.layers.values())
+    if getattr(cfg.training, "fp8", False):
+        converted = convert_projections(layers, cfg.training.fp8_recipe, fp8_all_gather(cfg))
+        log.info("fp8: %d projections in FP8 (%s scaling)", len(converted), cfg.training.fp8_recipe)
     if dims.tp > 1:
         tp_mesh = sub_mesh(mesh, "tp")
         apply_tp(layers, tp_mesh, pcfg.sequence_parallel)
@@ -66,6 +76,18 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
         reshard_after_forward=pcfg.reshard_after_forward,
     )
     return stage
+
+
+def fp8_all_gather(cfg) -> bool:
+    """FSDP2 all-gathers FP8 weights: training.fp8 with tensorwise scaling (torchao has no rowwise FP8
+    all-gather) under the fsdp2 engine, unless training.fp8_all_gather is off."""
+    t = cfg.training
+    return (
+        bool(getattr(t, "fp8", False))
+        and t.fp8_recipe == "tensorwise"
+        and t.fp8_all_gather
+        and getattr(cfg.parallel, "engine", "fsdp2") == "fsdp2"
+    )
 
 
 def _hsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:

@@ -32,3 +32,12 @@ def apply_fsdp(
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
     # The root (embedding, norm, LM head) is needed again right at the start of backward: keep it gathered.
     fully_shard(root, reshard_after_forward=False, **kwargs)
+
+
+def fp8_scale_hook(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """With FP8 all-gather (training.fp8, tensorwise): after every optimizer step, compute the FP8 scales
+    of all sharded weights at once - one foreach amax and one all-reduce - instead of one all-reduce per
+    weight inside each layer's all-gather (torchao's `precompute_float8_dynamic_scale_for_fsdp`)."""
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    optimizer.register_step_post_hook(lambda *_: precompute_float8_dynamic_scale_for_fsdp(model))

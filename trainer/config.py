@@ -146,6 +146,14 @@ class TrainingConfig:
     """Skip up to this many steps whose loss or grad norm is NaN/inf before stopping."""
     loss_chunk: int = 4096
     """Tokens per chunk of the LM head + cross-entropy (full logits never materialise)."""
+    loss_impl: str = "chunked"
+    """chunked (each chunk's logits recomputed in backward) | fused (gradients computed in the forward pass, chunk by chunk: one LM-head matmul fewer, compiled with parallel.compile) | liger (liger-kernel's fused linear cross-entropy; CUDA, pip install liger-kernel)."""
+    fp8: bool = False
+    """FP8 matmuls (torchao float8 training, dynamic scaling) in the decoder's q/k/v/o and gate/up/down projections; the LM head and embeddings stay bf16. Hopper GPUs or later, parallel.engine=fsdp2, pip install -e .[fp8]."""
+    fp8_recipe: str = "tensorwise"
+    """tensorwise (one scale per tensor; fastest, allows FP8 all-gather) | rowwise (one scale per row: more accurate, slower)."""
+    fp8_all_gather: bool = True
+    """With fp8_recipe=tensorwise: FSDP2 all-gathers the weights in FP8 (half the bytes of bf16), their scales computed once after each optimizer step."""
     init_timeout_min: float = 30.0
     """Process-group timeout (minutes) while ranks start, load the model and wait for tokenisation."""
     step_timeout_min: float = 10.0

@@ -30,6 +30,8 @@ _CHOICES = {
     "parallel.pp_schedule": ("1F1B", "GPipe"),
     "parallel.activation_checkpointing": ("none", "full", "selective", "full_keep_attn"),
     "training.device": ("auto", "cpu", "cuda"),
+    "training.loss_impl": ("chunked", "fused", "liger"),
+    "training.fp8_recipe": ("tensorwise", "rowwise"),
     "optim.scheduler": ("constant", "linear", "cosine"),
     "checkpoint.export_dtype": ("float32", "bfloat16"),
     "parallel.engine": ENGINES,
@@ -159,6 +161,49 @@ def _check_values(cfg: Config) -> None:
     validate_engine(cfg)
     validate_eval(cfg)
     validate_lora(cfg)
+    validate_fp8(cfg)
+    validate_loss_impl(cfg)
+
+
+def validate_fp8(cfg: Config) -> None:
+    """training.fp8 needs torchao and the FSDP2 engine (what can be checked without the device)."""
+    if not cfg.training.fp8:
+        return
+    from models.fp8 import torchao_missing
+
+    if cfg.parallel.engine != "fsdp2":
+        raise ConfigError("training.fp8", f"needs parallel.engine=fsdp2, got {cfg.parallel.engine!r}")
+    missing = torchao_missing()
+    if missing:
+        raise ConfigError("training.fp8", missing)
+
+
+def validate_device_features(cfg: Config, device: Any) -> None:
+    """The device half of the training.fp8 and loss_impl=liger checks. `device`: a torch.device or a device
+    type ("cpu" | "cuda"); a cuda run checked where no GPU is visible (a --dry-run on a login node) has
+    its GPU checked again when it starts."""
+    import torch
+
+    device = torch.device(device)
+    if cfg.training.fp8:
+        from models.fp8 import device_problem
+
+        problem = device_problem(device)
+        if problem:
+            raise ConfigError("training.fp8", problem)
+    if cfg.training.loss_impl == "liger" and device.type != "cuda":
+        raise ConfigError(
+            "training.loss_impl", f"liger runs Triton kernels on CUDA only; this run is on {device.type}"
+        )
+
+
+def validate_loss_impl(cfg: Config) -> None:
+    if cfg.training.loss_impl == "liger":
+        from models.fused_loss import liger_missing
+
+        missing = liger_missing()
+        if missing:
+            raise ConfigError("training.loss_impl", missing)
 
 
 def _check_layout(cfg: Config) -> None:

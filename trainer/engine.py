@@ -25,8 +25,10 @@ from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 
+from models.parallelize import fp8_all_gather
 from models.registry import DTYPES
 from parallel.dims import ParallelDims, sub_mesh
+from parallel.fsdp import fp8_scale_hook
 from parallel.pp import Pipeline
 from trainer.checkpoint import NativeCheckpoint
 from trainer.checkpoint_state import ModelState, OptimizerState
@@ -77,6 +79,8 @@ class Fsdp2Engine:
         self.pipeline = self._pipeline(ctx) if ctx.dims.pp > 1 else None
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim)
+        if fp8_all_gather(cfg):  # training.fp8, tensorwise: all FP8 weight scales after each update
+            fp8_scale_hook(self.optimizer, self.stage)
 
     def _parallelize(self, stage: nn.Module, ctx: EngineContext) -> nn.Module:
         ctx.parallelize(stage, ctx.mesh, ctx.dims, self.cfg)

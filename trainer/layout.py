@@ -20,6 +20,7 @@ from parallel.layout_checks import RunSettings, check_layout
 from parallel.planner import resolve_auto, wants_auto
 from parallel.shape import ModelShape
 from trainer.config import MODEL_TYPES, Config, ConfigError, validate
+from trainer.config_checks import validate_device_features
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -99,6 +100,7 @@ def validate_run(
     shape = ModelShape.from_hf(hf)
     device = run_device_type(cfg.training.device) if device_type is None else device_type
     notes = check_layout(dims, shape, run_settings(cfg, device))
+    validate_device_features(cfg, device)  # training.fp8 (an FP8 GPU), loss_impl=liger (CUDA)
     from trainer.training_kind import training_kind
 
     kind = training_kind(cfg, hf)  # LoRA targets and starting adapter against the model (no weights)

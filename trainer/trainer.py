@@ -115,7 +115,9 @@ class Trainer:
             hf = hf.to(self.device)
         stage_index = sub_mesh(self.mesh, "pp").get_local_rank()
         first, last = split_layers(self.hf_config.num_hidden_layers, self.dims.pp)[stage_index]
-        stage = CausalLMStage(hf, first, last, loss_chunk=cfg.training.loss_chunk)
+        stage = CausalLMStage(
+            hf, first, last, loss_chunk=cfg.training.loss_chunk, loss_impl=cfg.training.loss_impl
+        )
         del hf  # layers of other pipeline stages are freed with it
         stage.doc_mask = cfg.data.doc_mask
         return stage

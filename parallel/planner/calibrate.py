@@ -3,7 +3,8 @@
     python -m parallel.planner.calibrate --out calib.json                            # 1 GPU: compute rates
     torchrun --nproc-per-node 8 -m parallel.planner.calibrate --out calib.json       # + NCCL bandwidths
 
-One GPU measures bf16 matmul TF/s (8192^3) and causal SDPA fwd+bwd TF/s at head_dim 64 and 128 (cuDNN
+One GPU measures bf16 matmul TF/s (8192^3), FP8 matmul TF/s (tensorwise and rowwise `torch._scaled_mm`, on
+sm89+; training.fp8's rate) and causal SDPA fwd+bwd TF/s at head_dim 64 and 128 (cuDNN
 preferred, FLOPs = 3.5 x 4*S^2*H*D/2) and the device memory. Under torchrun it also measures the effective
 all-to-all rate of the exchange Ulysses runs (q/k/v out, the output back, 32k tokens per rank; the raw 1 GiB
 all-to-all is recorded beside it), P2P (rank 0 -> 1) and all-reduce bus bandwidth with 1 GiB messages.
@@ -76,7 +77,41 @@ def measure_compute(seq_len: int = 16384) -> dict:
         "memory_gib": round(props.total_memory / GIB, 1),
         "matmul_tflops": round(matmul, 1),
         "attention_tflops": attention,
+        **measure_fp8(n),
     }
+
+
+def measure_fp8(n: int = 8192) -> dict:
+    """FP8 GEMM rates (e4m3 operands, bf16 out) through `torch._scaled_mm`, the kernel torchao's
+    Float8Linear calls, as training runs it: one forward GEMM with fast accumulation and two backward GEMMs
+    without, 3 x 2n^3 FLOPs over their summed time. Tensorwise (one fp32 scale per operand) and rowwise (a
+    scale per row of A and per column of B). Empty on GPUs without FP8 tensor cores (before sm89)."""
+    import torch
+
+    if torch.cuda.get_device_capability() < (8, 9) or not hasattr(torch, "_scaled_mm"):
+        return {}
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+    scales = {
+        "fp8_matmul_tflops": (torch.ones((), device="cuda"), torch.ones((), device="cuda")),
+        "fp8_rowwise_matmul_tflops": (torch.ones(n, 1, device="cuda"), torch.ones(1, n, device="cuda")),
+    }
+    out = {}
+    for key, (sa, sb) in scales.items():
+        try:
+            ms = sum(
+                _time_ms(
+                    lambda fast=fast, sa=sa, sb=sb: torch._scaled_mm(
+                        a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=fast
+                    )
+                )
+                for fast in (True, False, False)
+            )
+        except (RuntimeError, TypeError) as exc:  # e.g. rowwise scaling unsupported by this torch build
+            print(f"calibrate: {key} not measured ({' '.join(str(exc).split())[:120]})")
+            continue
+        out[key] = round(3 * 2 * n**3 / ms / 1e9, 1)
+    return out
 
 
 def measure_ulysses_rate(
@@ -161,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     if not multi:
         kept += ["alltoall_gibps", "p2p_gibps", "collective_gibps"]
     out["assumptions"] = [f"{k}: copied from {os.path.basename(args.base)}, not measured" for k in kept]
+    if "fp8_matmul_tflops" not in out:
+        out["assumptions"].append(
+            "fp8_matmul_tflops: not measured (no FP8 GPU); the planner assumes 2 x matmul_tflops"
+        )
     if rank == 0:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2)

@@ -41,7 +41,20 @@ class DeviceRates:
     """Fraction of the bf16 rates reached when model.dtype is float32."""
     overhead_gib: float = 2.0
     """CUDA context, NCCL buffers and allocator slack added to every prediction."""
+    fp8_matmul_tflops: float | None = None
+    """training.fp8, tensorwise: the effective FP8 GEMM rate of one forward (fast accumulation) plus two
+    backward GEMMs (exact accumulation), as torchao runs them; None = 2 x matmul_tflops (Hopper's FP8:bf16
+    datasheet ratio) - an assumption until `--calibrate` measures it."""
+    fp8_rowwise_matmul_tflops: float | None = None
+    """The same with one scale per row (fp8_recipe=rowwise); None = fp8_matmul_tflops."""
     assumptions: list[str] = field(default_factory=list)
+
+    def fp8_rate(self, recipe: str = "tensorwise") -> float:
+        """TF/s of the FP8 projections for `recipe` (tensorwise | rowwise)."""
+        tensorwise = self.fp8_matmul_tflops or 2 * self.matmul_tflops
+        if recipe == "rowwise":
+            return self.fp8_rowwise_matmul_tflops or tensorwise
+        return tensorwise
 
     def attention_rate(self, head_dim: int) -> float:
         """TF/s at `head_dim`: the measured value, else log-linear interpolation, clamped at the ends."""
@@ -66,6 +79,10 @@ class DeviceRates:
 
 
 _REQUIRED = ("matmul_tflops", "attention_tflops", "alltoall_gibps", "p2p_gibps", "internode_gbps")
+
+
+def _optional(raw: dict, key: str) -> float | None:
+    return None if raw.get(key) is None else float(raw[key])
 
 
 def load_rates(path: str | None = None) -> DeviceRates:
@@ -96,10 +113,13 @@ def load_rates(path: str | None = None) -> DeviceRates:
             elementwise_gbps=float(raw.get("elementwise_gbps", 1450.0)),
             fp32_speed=float(raw.get("fp32_speed", 0.089)),
             overhead_gib=float(raw.get("overhead_gib", 2.0)),
+            fp8_matmul_tflops=_optional(raw, "fp8_matmul_tflops"),
+            fp8_rowwise_matmul_tflops=_optional(raw, "fp8_rowwise_matmul_tflops"),
             assumptions=list(raw.get("assumptions", [])),
         )
     except (AttributeError, TypeError, ValueError) as exc:
         raise ConfigError(key, f"{path}: bad value ({' '.join(str(exc).split())})") from None
-    if not attn or min(attn.values()) <= 0 or rates.matmul_tflops <= 0:
+    fp8 = [r for r in (rates.fp8_matmul_tflops, rates.fp8_rowwise_matmul_tflops) if r is not None]
+    if not attn or min(attn.values()) <= 0 or rates.matmul_tflops <= 0 or min(fp8, default=1) <= 0:
         raise ConfigError(key, f"{path}: rates must be positive")
     return rates

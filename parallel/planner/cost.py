@@ -13,6 +13,9 @@ T = m*Tm local tokens per pass and S = seq_len:
                 step computes (as parallel/cp/ring.py does); only its last hop is exposed.
                 Ulysses: 4 all-to-alls forward (q, k, v, out) and 4 backward, (U-1)/U of
                 b*Tm*(2*a_r + 2*k_r)*d bytes, never hidden.
+    fp8         training.fp8: the projections' GEMMs at the FP8 rate (calibration.py `fp8_rate`), the LM head
+                at bf16's; the dynamic casts add `fp8_cast_bytes` to the memory-bound term; with FP8
+                all-gather FSDP gathers the projection weights at 1 byte per parameter
     tp comm     2 all-reduces forward + 2 backward per layer of b*Tm*h bytes, 2*(t-1)/t of it on the wire
     fsdp comm   all-gather (b) and reduce-scatter (fp32) of the stage's parameters, (F-1)/F of it;
                 overlapped with compute except the first layer's gather
@@ -85,6 +88,16 @@ def group_spans(layout: Layout) -> dict[str, int]:
     return {"tp": t, "ulysses": t * u, "ring": t * c, "fsdp": t * c * layout.dp}
 
 
+def fp8_cast_bytes(h: int, heads: int, kv_heads: int, d: int, inter: float) -> float:
+    """Bytes per token and layer that torchao's dynamic FP8 casts move in one forward + backward (an
+    estimate, not a measurement): each projection's input is read twice (amax, then cast) and written as
+    FP8 (5 bytes per bf16 element) in the forward, its output gradient likewise in the backward, and both
+    once more (3 bytes) for the grad-weight GEMM's transposed FP8 copies."""
+    ins = 5 * h + heads * d + inter  # q, k, v, gate, up read h; o reads the heads; down the MLP width
+    outs = 2 * h + (heads + 2 * kv_heads) * d + 2 * inter
+    return 5 * ins + 5 * outs + 3 * (ins + outs)
+
+
 def ac_fraction(mode: str, layers: int) -> float:
     """Share of the stage's layers whose forward runs twice."""
     return {"none": 0.0, "full": 1.0, "full_keep_attn": 1.0, "selective": math.ceil(layers / 2) / layers}[
@@ -106,10 +119,12 @@ def step_time(
 
     # LoRA: frozen base matmuls run forward + input gradient only (4 T P), the adapters all three passes.
     base_passes = 4 if work.lora_rank else 6
+    fp8 = work.fp8 and b == 2  # training.fp8: the projections at the FP8 rate, the LM head stays bf16
+    layer_rate = rates.fp8_rate(work.fp8_recipe) * 1e12 if fp8 else mm_rate
     p_adapter = adapter_layer_params(shape, work.lora_rank, work.lora_targets, layout.tp)
     p_mm = shape.layer_matmul_params(layout.tp)
-    mm_layers = rv.tokens * ls * (base_passes * p_mm + 6 * p_adapter) / mm_rate
-    mm_fwd_layers = 2 * rv.tokens * ls * (p_mm + p_adapter) / mm_rate
+    mm_layers = rv.tokens * ls * (base_passes * p_mm / layer_rate + 6 * p_adapter / mm_rate)
+    mm_fwd_layers = 2 * rv.tokens * ls * (p_mm / layer_rate + p_adapter / mm_rate)
     mm_head = base_passes * rv.tokens * shape.vocab * h / mm_rate
     mm_fwd_head = 2 * rv.tokens * shape.vocab * h / mm_rate
     imbalance = (2 * layout.ring - 1) / layout.ring if layout.cp_layout == "contiguous" else 1.0
@@ -162,10 +177,12 @@ def step_time(
         p_layer, p_root = shape.layer_params(layout.tp), shape.root_params(layout.pp)
         # Resharding after forward gathers each layer again in backward - per microbatch under PP.
         regather = 2 * m if work.reshard_after_forward else 1
-        gathers = ls * regather * p_layer + p_root
+        # FP8 all-gather: the projection weights travel as 1 byte each (norms and root stay at b).
+        gb = (1 * p_mm + b * 2 * h) / p_layer if work.fp8_all_gather and fp8 else b
+        gathers = ls * regather * p_layer * gb + p_root * b
         reduced = ls * p_adapter if work.lora_rank else ls * p_layer + p_root  # fp32 reduce-scatter
-        total = share * (b * gathers + 4 * reduced) / bw
-        first = share * b * p_layer / bw
+        total = share * (gathers + 4 * reduced) / bw
+        first = share * gb * p_layer / bw
         fsdp = first + max(0.0, total - (mm_layers + mm_head + balanced + recompute))
 
     # Memory-bound elementwise work per token and layer (forward): two RMSNorms with their fp32 upcast
@@ -175,6 +192,8 @@ def step_time(
     # rate is the calibrated effective one (calibration.py), not the HBM's peak.
     hbm = rates.elementwise_gbps * 1e9
     per_token = 60 * h + 12 * shape.intermediate / layout.tp + 16 * (rv.heads + rv.kv_heads) * d
+    if fp8:
+        per_token += fp8_cast_bytes(h, rv.heads, rv.kv_heads, d, shape.intermediate / layout.tp) / 3
     trained = (
         ls * p_adapter
         if work.lora_rank

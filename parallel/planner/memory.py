@@ -87,6 +87,11 @@ class Workload:
     lora_rank: int = 0
     """lora.r: > 0 trains adapters on a frozen base (parallel/planner/lora.py)."""
     lora_targets: tuple[str, ...] = ()
+    fp8: bool = False
+    """training.fp8: the decoder projections' matmuls at the FP8 rate, plus their cast traffic (cost.py)."""
+    fp8_recipe: str = "tensorwise"
+    fp8_all_gather: bool = False
+    """FSDP2 all-gathers the FP8-cast projection weights (1 byte per parameter)."""
 
     @classmethod
     def from_config(cls, cfg: Any) -> Workload:
@@ -112,6 +117,9 @@ class Workload:
             compiled=p.compile,
             lora_rank=rank,
             lora_targets=targets,
+            fp8=t.fp8,
+            fp8_recipe=t.fp8_recipe,
+            fp8_all_gather=t.fp8 and t.fp8_recipe == "tensorwise" and t.fp8_all_gather and p.engine == "fsdp2",
         )
 
 

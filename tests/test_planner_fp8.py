@@ -1,0 +1,87 @@
+"""The planner's FP8 model (training.fp8): projection GEMMs at the FP8 rate, the LM head at bf16's, the cast
+traffic in the memory-bound term, FP8 all-gather bytes; rates read from a calibration file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from transformers import AutoConfig
+
+from parallel.dims import ConfigError
+from parallel.planner import Layout, ModelShape, Workload, load_rates, step_time
+from parallel.planner.calibration import DEFAULT_CALIBRATION
+from parallel.planner.cost import fp8_cast_bytes
+from trainer.config import build_config
+
+LLAMA_8B = dict(
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=1 << 20,
+    tie_word_embeddings=False,
+)
+RATES = load_rates()
+
+
+def _shape():
+    fields = dict(LLAMA_8B)
+    return ModelShape.from_hf(AutoConfig.for_model(fields.pop("model_type"), **fields))
+
+
+def test_fp8_halves_the_projection_matmuls_only():
+    shape, lay = _shape(), Layout(1, 1, 1, 8, 8, "zigzag")
+    bf16 = Workload(seq_len=65536, activation_checkpointing="full")
+    fp8 = dataclasses.replace(bf16, fp8=True)
+    a, b = step_time(shape, lay, bf16, RATES), step_time(shape, lay, fp8, RATES)
+    tokens = 65536 // 8
+    head = 6 * tokens * shape.vocab * shape.hidden / (RATES.matmul_tflops * 1e12)
+    layers_bf16 = a.matmul - head
+    assert RATES.fp8_rate() == 2 * RATES.matmul_tflops  # the built-in file has no measured FP8 rate
+    assert b.matmul == pytest.approx(head + layers_bf16 / 2, rel=1e-9)
+    assert b.recompute < a.recompute and b.attention == a.attention
+    # The casts: more memory-bound bytes, by exactly fp8_cast_bytes per token and layer (x (3 + ac) / 3).
+    cast = fp8_cast_bytes(shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate)
+    extra = tokens * shape.layers * cast * (3 + 1) / 3 / (RATES.elementwise_gbps * 1e9)
+    assert b.memory_bound - a.memory_bound == pytest.approx(extra, rel=1e-9)
+    assert b.tokens_per_s_per_gpu > a.tokens_per_s_per_gpu
+    # float32 compute never runs FP8: nothing changes.
+    f32 = dataclasses.replace(bf16, compute_bytes=4)
+    assert step_time(shape, lay, dataclasses.replace(f32, fp8=True), RATES) == step_time(
+        shape, lay, f32, RATES
+    )
+
+
+def test_fp8_all_gather_shrinks_fsdp_traffic():
+    shape, lay = _shape(), Layout(8, 1, 1, 1, 1, None)
+    base = Workload(seq_len=8192, fp8=True)
+    gather = dataclasses.replace(base, fp8_all_gather=True)
+    assert step_time(shape, lay, gather, RATES).fsdp_comm <= step_time(shape, lay, base, RATES).fsdp_comm
+
+
+def test_calibrated_fp8_rates_and_workload_from_config(tmp_path):
+    raw = json.load(open(DEFAULT_CALIBRATION, encoding="utf-8"))
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps({**raw, "fp8_matmul_tflops": 1200.0, "fp8_rowwise_matmul_tflops": 1000.0}))
+    rates = load_rates(str(path))
+    assert rates.fp8_rate("tensorwise") == 1200.0 and rates.fp8_rate("rowwise") == 1000.0
+    path.write_text(json.dumps({**raw, "fp8_matmul_tflops": -1}))
+    with pytest.raises(ConfigError, match="positive"):
+        load_rates(str(path))
+    cfg = build_config(
+        {
+            "model": {"config": LLAMA_8B, "dtype": "bfloat16"},
+            "training": {"seq_len": 4096, "fp8": False, "fp8_recipe": "rowwise"},
+        }
+    )
+    assert Workload.from_config(cfg).fp8 is False
+    cfg.training.fp8 = True  # (set after validation: this machine need not have torchao)
+    work = Workload.from_config(cfg)
+    assert work.fp8 and work.fp8_recipe == "rowwise" and not work.fp8_all_gather  # rowwise: no FP8 gather
+    cfg.training.fp8_recipe = "tensorwise"
+    assert Workload.from_config(cfg).fp8_all_gather
