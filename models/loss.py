@@ -69,7 +69,8 @@ def chunked_token_scores(
         logits = F.linear(hidden[:, i : i + step], lm_head.weight, lm_head.bias)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         y = labels[:, i : i + step]
-        ce = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="none")
-        losses.append(ce)
+        # Class dimension last, as in training: a transposed [B, V, S] view sends log-softmax down a strided path.
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+        losses.append(ce.view_as(y))
         preds.append(logits.argmax(-1))
     return torch.cat(losses, 1), torch.cat(preds, 1)
