@@ -99,7 +99,7 @@ def test_sbatch_trains_then_usr1_saves_requeues_and_resumes(cluster, tmp_path):
     text = log.read_text()
     info = cluster.job(job)
     assert info.get("JobState") == "COMPLETED" and info.get("Restarts") == "1", describe()
-    saved = re.search(r"signal 10 received: saving step (\d+)", text)
+    saved = re.search(r"(?:SIGUSR1|signal 10) received: saving step (\d+)", text)
     assert saved, describe()
     k = int(saved.group(1))
     assert 3 <= k < STEPS
