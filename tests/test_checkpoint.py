@@ -236,6 +236,13 @@ def _export_checks(rank: int, world_size: int, out: str) -> None:
     if rank == 0:
         loaded = LlamaForCausalLM.from_pretrained(out + "_bf16")
         assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    # Small shards: several files, written by both ranks in turn, tensor by tensor, plus the index.
+    export_hf([model], cfg, None, out + "_sharded", "float32", shard_bytes=20_000)
+    if rank == 0:
+        index = json.loads(Path(out + "_sharded", "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 2
+        with torch.no_grad():
+            assert torch.equal(LlamaForCausalLM.from_pretrained(out + "_sharded")(ids).logits, ref)
 
 
 def test_export_hf_roundtrip(tmp_path):

@@ -24,9 +24,11 @@ from trainer.config_checks import COMMAND_LINE, MODEL_TYPES, validate, value_sou
 @dataclass
 class ModelConfig:
     path: str | None = None
-    """HF hub id or local directory, loaded with `from_pretrained`. Exclusive with `model.config`."""
+    """HF hub id or local directory of safetensors (what `save_pretrained` writes, `from_pretrained` reads); each
+    rank reads only the slices of its own shards (docs/loading.md). Exclusive with `model.config`."""
     config: dict[str, Any] | None = None
-    """Inline HF config fields (must include `model_type`: llama | qwen2 | mistral) for a randomly initialised model."""
+    """Inline HF config fields (must include `model_type`: llama | qwen2 | mistral) for a randomly initialised model
+    (the family's init, seeded per module by training.seed: the same weights for every layout)."""
     dtype: str = "float32"
     """Parameter/compute dtype: float32 | bfloat16."""
     tokenizer: str | None = None
@@ -124,6 +126,8 @@ class ParallelConfig:
     """Planner: GPUs per node; groups within a node (innermost first: tp, ulysses, ring, dp, pp) get NVLink rates."""
     device_memory_gib: float | None = None
     """Planner: GPU memory a layout must fit in (GiB); None = the calibration's (80 for H100)."""
+    host_memory_gib: float = 1024.0
+    """Planner: host RAM per node that the model load must fit in (GiB), checked with the per-GPU load peak."""
     plan_calibration: str | None = None
     """Planner: device-rate JSON (`train.py --calibrate f.json` on the GPUs); None = built-in H100 rates."""
 

@@ -26,7 +26,7 @@ from models.causal_lm import CausalLMStage
 from models.parallelize import parallelize_llama
 from parallel.cp.sharding import shard_batch
 from parallel.dims import ConfigError, ParallelDims, sub_mesh
-from trainer.checkpoint import CheckpointError, _agreed, _rank, _world
+from trainer.checkpoint import CheckpointError, _agreed, _world
 from trainer.ds_config import build_ds_config
 from trainer.loss import agree_step, count_valid, loss_scale, skip_nonfinite
 from trainer.optim import build_optimizer
@@ -143,6 +143,8 @@ class DeepSpeedEngine:
         self.device = ctx.device
         parallelize_for_deepspeed(stage, ctx.mesh, ctx.dims, cfg)
         stage.train()
+        if ctx.fill is not None:
+            ctx.fill(stage)
         self.stage = stage
         self.groups = StepGroups.from_mesh(ctx.mesh)
         self.ds_config = build_ds_config(cfg, self.groups.fsdp_size)
@@ -204,29 +206,34 @@ class DeepSpeedEngine:
     # ---- HF export --------------------------------------------------------------------------------
     def export_hf(self, hf_config: Any, tokenizer: Any, out_dir: str | os.PathLike, dtype: str) -> Path:
         """Collective. Write the fp32 master weights (gathered one parameter at a time, whatever the ZeRO
-        stage or offload) as `from_pretrained`-loadable safetensors in `dtype`; rank 0 writes."""
+        stage or offload) as `from_pretrained`-loadable sharded safetensors in `dtype`, streamed tensor by
+        tensor (trainer/hf_export.py)."""
         from deepspeed.utils import safe_get_full_fp32_param
-        from safetensors.torch import save_file
+
+        from trainer.hf_export import save_config_and_tokenizer, write_streamed
 
         out, dt = Path(out_dir), getattr(torch, dtype)
-        state: dict[str, torch.Tensor] = {}
-        for name, param in self.stage.named_parameters():  # HF names; a tied lm_head appears once
-            full = safe_get_full_fp32_param(param)
-            if full is None:  # frozen or not managed by the optimizer: the module holds it whole
-                full = param.detach()
-            if _rank() == 0:
-                state[name] = full.detach().to(device="cpu", dtype=dt).contiguous().clone()
+        params = dict(self.stage.named_parameters())  # HF names; a tied lm_head appears once
 
-        def write() -> None:
-            out.mkdir(parents=True, exist_ok=True)
-            save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-            config = hf_config.__class__.from_dict(hf_config.to_dict())
-            config.dtype = dt
-            config.save_pretrained(out)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(out)
+        def full(param: torch.nn.Parameter):
+            def gather() -> torch.Tensor:
+                value = safe_get_full_fp32_param(param)  # None: frozen, the module holds it whole
+                return (param.detach() if value is None else value).to(dt)
 
-        _agreed(write, f"HF export to {out} failed", rank0_only=True)
+            return gather
+
+        shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in params.items()}
+        _agreed(
+            lambda: out.mkdir(parents=True, exist_ok=True),
+            f"cannot create HF export dir {out}",
+            rank0_only=True,
+        )
+        write_streamed(out, list(params), shapes.__getitem__, ((n, full(p)) for n, p in params.items()), dt)
+        _agreed(
+            lambda: save_config_and_tokenizer(out, hf_config, tokenizer, dt),
+            f"HF export to {out} failed",
+            rank0_only=True,
+        )
         log.info("exported HF model (%s) to %s", dtype, out)
         return out
 

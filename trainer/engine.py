@@ -8,8 +8,9 @@ An engine is built from an unsharded `CausalLMStage` and owns it from then on:
   checkpoint `checkpoint_entries()`: the DCP `Stateful` entries it saves (model, optimizer); an engine
              that writes its own files (ZeRO partitions) returns none and gives `native_checkpoint`
   export     `export_hf(...)`: a `from_pretrained`-loadable directory of the trained weights
-Building on the meta device fits between the two build phases (parallelize, then materialise and fill
-each rank's shards, then the optimizer), which is why each engine keeps them as separate methods.
+The stage arrives without weights (built on the meta device, or as ZeRO-3 partitions: trainer/model_build.py);
+between the two build phases - parallelize, then the optimizer - each engine calls `EngineContext.fill`,
+which materialises and fills this rank's shards.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class EngineContext:
     dims: ParallelDims
     device: torch.device
     parallelize: Callable  # the model family's parallelize_<family>(stage, mesh, dims, cfg)
+    fill: Callable[[nn.Module], None] | None = None
+    """Materialise and fill a stage built without weights (trainer/model_build.py), once parallelised and
+    before the optimizer is made over its parameters."""
 
 
 class Engine(Protocol):
@@ -76,6 +80,8 @@ class Fsdp2Engine:
         self.cfg, self.device = cfg, ctx.device
         self.groups = StepGroups.from_mesh(ctx.mesh)
         self.stage = self._parallelize(stage, ctx)
+        if ctx.fill is not None:
+            ctx.fill(self.stage)
         self.pipeline = self._pipeline(ctx) if ctx.dims.pp > 1 else None
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim)

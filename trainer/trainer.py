@@ -3,12 +3,14 @@ engine that shards and steps it (trainer/engine), data (trainer/data), checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from models.causal_lm import CausalLMStage, split_layers
 from models.registry import DTYPES, family_of
@@ -24,6 +26,7 @@ from trainer.evaluate import build_evaluator, load_weights_for_eval
 from trainer.layout import check_vocab, validate_run
 from trainer.logging_utils import setup_logging
 from trainer.metrics import MetricsLogger, device_peak_flops
+from trainer.model_build import StageLoader
 from trainer.optim import build_scheduler
 from trainer.signals import StopSignal
 from trainer.step import StepResult
@@ -103,7 +106,38 @@ class Trainer:
             )
 
     def _build_stage(self) -> CausalLMStage:
-        """This rank's pipeline stage of the model, unsharded (the engine shards it)."""
+        """This rank's pipeline stage of the model, without weights yet: the engine parallelises it, then
+        calls `_fill_stage` (trainer/model_build.py: each rank materialises and fills only its shards)."""
+        if self.kind.name != "full":
+            return self._build_stage_whole()
+        cfg, builder, dtype = self.cfg, None, torch.float32  # fp32 masters; FSDP casts to model.dtype
+        if cfg.parallel.engine == "deepspeed" and not self.eval_only:
+            from trainer.ds_load import ZeroInitBuild
+
+            dtype = DTYPES[cfg.model.dtype]  # DeepSpeed keeps its own fp32 masters
+            if cfg.deepspeed.zero_stage == 3:
+                builder = ZeroInitBuild(cfg, self.mesh)
+        self.stage_loader = StageLoader(cfg, self.hf_config, self.device, builder=builder, dtype=dtype)
+        with self._model_errors():
+            return self.stage_loader.build(sub_mesh(self.mesh, "pp").get_local_rank(), self.dims.pp)
+
+    def _fill_stage(self, stage: nn.Module) -> None:
+        if self.stage_loader is not None:  # the whole-model build arrives filled
+            with self._model_errors():
+                self.stage_loader.fill(stage)
+
+    @contextlib.contextmanager
+    def _model_errors(self):
+        try:
+            yield
+        except (OSError, ValueError) as exc:
+            cfg = self.cfg
+            where = f"model.path {cfg.model.path!r}" if cfg.model.path else "model.config"
+            raise ModelLoadError(f"{where}: could not build the model: {one_line(exc)}") from None
+
+    def _build_stage_whole(self) -> CausalLMStage:
+        """The whole-model build, still used by LoRA (its peft model is built from the full HF model)."""
+        self.stage_loader = None
         cfg = self.cfg
         # Trained weights are fp32 masters; FSDP's mixed-precision policy casts to model.dtype for compute.
         try:
@@ -123,7 +157,9 @@ class Trainer:
         return stage
 
     def _engine_context(self) -> EngineContext:
-        return EngineContext(self.mesh, self.dims, self.device, self.family.parallelize)
+        return EngineContext(
+            self.mesh, self.dims, self.device, self.family.parallelize, fill=self._fill_stage
+        )
 
     def _build_checkpointer(self) -> Checkpointer:
         layout = {k: getattr(self.dims, k) for k in ("pp", "dp_replicate", "dp_shard", "cp", "ulysses", "tp")}
@@ -142,6 +178,7 @@ class Trainer:
     def _build_for_eval(self) -> None:
         self.model = self._build_stage()
         self.family.parallelize(self.model, self.mesh, self.dims, self.cfg)  # as Fsdp2Engine does
+        self._fill_stage(self.model)
         # Only the engine name of a checkpoint's layout is checked on load; eval reads FSDP2 checkpoints.
         self.checkpointer = Checkpointer(
             self.cfg.checkpoint, self.out, layout={"engine": "fsdp2"}, model_config=self.hf_config
@@ -263,6 +300,8 @@ class Trainer:
                     ),
                     "skipped": result.skipped,
                 }
+                if self.step == 1 and self.stage_loader is not None:
+                    last.update(self.stage_loader.stats)  # the model load's time and peak memory, once
                 self.history.append({"step": self.step, **last})
                 metrics.log(self.step, last)
                 if self.evaluator is not None and self.evaluator.due(self.step, cfg.training.steps):

@@ -10,6 +10,7 @@ from parallel.dims import ConfigError, ParallelDims
 from parallel.planner.calibration import GIB, DeviceRates, load_rates
 from parallel.planner.cost import StepTime, step_time
 from parallel.planner.enumerate import Candidate, Layout, enumerate_layouts
+from parallel.planner.load import LoadMemory, load_memory
 from parallel.planner.memory import MemoryBreakdown, ModelShape, Workload, memory_breakdown
 
 MAX_VALID_ROWS = 40
@@ -22,6 +23,15 @@ class PlanRow:
     memory: MemoryBreakdown | None
     time: StepTime | None
     limit_bytes: int
+    load: LoadMemory | None = None
+    host_limit_bytes: int | None = None
+
+    @property
+    def load_fits(self) -> bool:
+        if self.load is None:
+            return True
+        host_ok = self.host_limit_bytes is None or self.load.host_per_node <= self.host_limit_bytes
+        return self.load.gpu <= self.limit_bytes and host_ok
 
     @property
     def layout(self) -> Layout:
@@ -33,13 +43,24 @@ class PlanRow:
 
     @property
     def fits(self) -> bool:
-        return self.valid and self.memory is not None and self.memory.total <= self.limit_bytes
+        return (
+            self.valid
+            and self.memory is not None
+            and self.memory.total <= self.limit_bytes
+            and self.load_fits
+        )
 
     @property
     def reason(self) -> str:
         """Why this row cannot run ('' when it can)."""
         if not self.valid:
             return str(self.candidate.reason)
+        if not self.load_fits:
+            assert self.load is not None
+            return (
+                f"load OOM: {self.load.gpu_gib:.1f} GiB/GPU, {self.load.host_gib:.0f} GiB host per node "
+                f"(limits {self.limit_bytes / GIB:.0f}, {(self.host_limit_bytes or 0) / GIB:.0f})"
+            )
         if not self.fits:
             assert self.memory is not None
             return f"OOM: needs {self.memory.total_gib:.1f} GiB > {self.limit_bytes / GIB:.0f} GiB"
@@ -81,13 +102,18 @@ def plan_rows(
         **kw,
     )
     overhead = int(rates.overhead_gib * GIB)
+    host = getattr(cfg.parallel, "host_memory_gib", None)
+    host_limit = int(host * GIB) if host else None
+    random_init = getattr(cfg.model, "path", None) is None
     rows = []
     for c in cands:
         if work.lora_rank and c.layout.tp > 1 and c.reason is None:
             c.reason = "parallel.tp: LoRA runs without TP (the adapters are not tensor-parallel)"
         if c.reason is None:
             mem = memory_breakdown(shape, c.layout, work, overhead)
-            rows.append(PlanRow(c, mem, step_time(shape, c.layout, work, rates, gpn), limit))
+            load = load_memory(shape, c.layout, work, gpn, overhead, random_init)
+            timing = step_time(shape, c.layout, work, rates, gpn)
+            rows.append(PlanRow(c, mem, timing, limit, load, host_limit))
         else:
             rows.append(PlanRow(c, None, None, limit))
     preferred = cfg.parallel.cp_layout
@@ -124,7 +150,7 @@ def overrides_for(layout: Layout) -> str:
 def _fmt_row(i: int, r: PlanRow, mark: str) -> list[str]:
     lay = r.layout
     if r.memory is None or r.time is None:
-        return [str(i), lay.label() + mark, lay.strategy_label(), "-", "no", *["-"] * 10]
+        return [str(i), lay.label() + mark, lay.strategy_label(), "-", "-", "no", *["-"] * 10]
     t = r.time
     parts = [t.matmul, t.attention, t.recompute, t.cp_comm, t.tp_comm, t.fsdp_comm, t.pp_bubble]
     return [
@@ -132,7 +158,8 @@ def _fmt_row(i: int, r: PlanRow, mark: str) -> list[str]:
         lay.label() + mark,
         lay.strategy_label(),
         f"{r.memory.total_gib:.1f}",
-        "yes" if r.fits else "OOM",
+        "-" if r.load is None else f"{r.load.gpu_gib:.1f}",
+        "yes" if r.fits else ("load OOM" if not r.load_fits else "OOM"),
         _ms(t.total),
         *(_ms(x) for x in parts),
         f"{t.tokens_per_s_per_gpu:.0f}",
@@ -144,7 +171,7 @@ def _ms(seconds: float) -> str:
     return "0" if ms == 0 else f"{ms:.4g}" if ms < 1e4 else f"{ms:.0f}"
 
 
-HEADER = ["#", "layout", "cp strategy", "GiB/GPU", "fits", "step ms"]
+HEADER = ["#", "layout", "cp strategy", "GiB/GPU", "load GiB", "fits", "step ms"]
 HEADER += ["matmul", "attn", "recomp", "cp", "tp", "fsdp", "bubble", "tok/s/GPU"]
 
 
@@ -196,6 +223,8 @@ def format_plan(cfg: Any, world_size: int, hf_config: Any, rows: list[PlanRow], 
             f"{best.time.tokens_per_s_per_gpu:.0f} tokens/s/GPU"
         )
         out.append(f"  use it: {overrides_for(best.layout)}   (or parallel.auto=true)")
+        if best.load is not None:
+            out.append(_load_line(best, cfg))
     elif valid:
         out.append("nothing fits: try activation_checkpointing=full, a shorter seq_len or more GPUs")
     if oom:
@@ -214,6 +243,18 @@ def format_plan(cfg: Any, world_size: int, hf_config: Any, rows: list[PlanRow], 
     if world_size > gpn:
         out.append(f"note: groups spanning nodes use {rates.internode_gbps:g} GB/s per GPU (an assumption)")
     return "\n".join(out)
+
+
+def _load_line(row: PlanRow, cfg: Any) -> str:
+    load = row.load
+    host = f" of {row.host_limit_bytes / GIB:.0f}" if row.host_limit_bytes else ""
+    source = (
+        "model.path safetensors, own slices" if getattr(cfg.model, "path", None) else "seeded random init"
+    )
+    return (
+        f"  load ({source}): {load.gpu_gib:.1f} GiB/GPU, {load.host_gib:.1f}{host} GiB host per node - fits; "
+        f"a whole fp32 model per rank would need {load.whole / GIB:.1f} GiB on every GPU and host rank"
+    )
 
 
 def plan_main(cfg: Any, world_size: int, hf_config: Any) -> int:

@@ -1,0 +1,130 @@
+"""Materialise a parallelised meta-device stage and fill each rank's own shards.
+
+After TP / CP / AC / compile / FSDP2 have been applied to a stage built on the meta device, every parameter
+is a (DTensor) shape without storage. `materialize` allocates this rank's shards (`to_empty`) and recomputes
+the non-persistent buffers; `fill_stage` then visits the stage module by module and writes, into each local
+shard, the block of the global tensor it covers (`DTensor.__create_chunk_list__`, the offsets DCP uses),
+taken from a `WeightSource`: an HF safetensors checkpoint (each rank reads only its own blocks from disk)
+or the family's random init (the full tensors of one module at a time, seeded by the module's name, so
+every layout gets the same weights). No collective is needed: every rank reads or computes what it owns.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from models.meta_build import checkpoint_key_candidates, clean_fqn, full_init, recompute_buffers
+from models.safetensors_io import SafetensorsCheckpoint
+
+
+def materialize(stage: nn.Module, device: torch.device, param_device: torch.device | None = None) -> None:
+    """Allocate (uninitialised) storage for this rank's shards on `param_device` (the host with FSDP CPU
+    offload, else `device`), buffers on `device`, and recompute the non-persistent buffers."""
+    param_device = param_device or device
+    stage.to_empty(device=param_device)
+    if param_device != device:
+        for module in stage.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[name] = buf.to(device)
+    recompute_buffers(stage, device)
+
+
+def local_block(param: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
+    """(global offsets, writable local tensor) of the part of `param` this rank stores."""
+    if isinstance(param, DTensor):
+        chunks = param.__create_chunk_list__()
+        if len(chunks) != 1:
+            raise NotImplementedError(f"a parameter stored as {len(chunks)} blocks on one rank")
+        local = param.to_local()
+        if tuple(local.shape) != tuple(chunks[0].sizes):
+            raise AssertionError(f"local shard {tuple(local.shape)} != its chunk {tuple(chunks[0].sizes)}")
+        return tuple(chunks[0].offsets), local
+    return (0,) * param.dim(), param.data
+
+
+class WeightSource(Protocol):
+    def fill(self, module_fqn: str, module: nn.Module, params: dict[str, torch.Tensor]) -> None:
+        """Write the values of `params` (this module's own, by local name) into their local shards."""
+
+
+class RandomInit:
+    """The family's `_init_weights`, one module's full tensors at a time on `device`, seeded per module."""
+
+    def __init__(self, hf_model: nn.Module, seed: int, device: torch.device):
+        self.hf_model, self.seed, self.device = hf_model, seed, device
+
+    def fill(self, module_fqn: str, module: nn.Module, params: dict[str, torch.Tensor]) -> None:
+        # fp32 whatever the parameters' dtype: the same values for fp32 masters and bf16 replicas
+        full = full_init(
+            self.hf_model,
+            module,
+            module_fqn,
+            {n: p.shape for n, p in params.items()},
+            torch.float32,
+            self.device,
+            self.seed,
+        )
+        for name, param in params.items():
+            offsets, local = local_block(param)
+            block = tuple(slice(o, o + s) for o, s in zip(offsets, local.shape))
+            local.copy_(full[name][block])
+        del full
+
+
+class CheckpointFill:
+    """Blocks read from an HF safetensors checkpoint; parameters it lacks go to `fallback` (e.g. new adapter
+    weights), else `check` reports them all before anything is read."""
+
+    def __init__(self, ckpt: SafetensorsCheckpoint, tied: bool, fallback: WeightSource | None = None):
+        self.ckpt, self.tied, self.fallback = ckpt, tied, fallback
+
+    def key_of(self, fqn: str) -> str | None:
+        return next((k for k in checkpoint_key_candidates(fqn, self.tied) if k in self.ckpt), None)
+
+    def check(self, stage: nn.Module) -> None:
+        """Every rank, before reading: each parameter has a checkpoint tensor (or a fallback)."""
+        if self.fallback is not None:
+            return
+        missing = [clean_fqn(n) for n, _ in stage.named_parameters() if self.key_of(n) is None]
+        if missing:
+            more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+            raise ValueError(f"the checkpoint has no tensor for {', '.join(missing[:4])}{more}")
+
+    def fill(self, module_fqn: str, module: nn.Module, params: dict[str, torch.Tensor]) -> None:
+        rest = {}
+        for name, param in params.items():
+            key = self.key_of(f"{module_fqn}.{name}" if module_fqn else name)
+            if key is None:
+                rest[name] = param
+                continue
+            saved = self.ckpt.entries[key].shape
+            if tuple(saved) != tuple(param.shape):
+                raise ValueError(
+                    f"checkpoint tensor {key} has shape {tuple(saved)}, the model expects {tuple(param.shape)}"
+                )
+            offsets, local = local_block(param)
+            self.ckpt.read(key, offsets, local)
+        if rest:
+            self.fallback.fill(module_fqn, module, rest)
+
+
+def fill_stage(stage: nn.Module, source: WeightSource) -> None:
+    """Visit every module that owns parameters (a tied parameter once, under its first name) and let
+    `source` fill them. Persistent buffers are not supported (Llama-family models have none)."""
+    if hasattr(source, "check"):
+        source.check(stage)
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module_fqn, module in stage.named_modules():
+            persistent = set(module._buffers) - module._non_persistent_buffers_set
+            if any(module._buffers[b] is not None for b in persistent):
+                raise NotImplementedError(f"{module_fqn}: persistent buffers {sorted(persistent)}")
+            params = {n: p for n, p in module._parameters.items() if p is not None and id(p) not in seen}
+            if params:
+                seen.update(id(p) for p in params.values())
+                source.fill(module_fqn, module, params)
