@@ -210,6 +210,7 @@ def setup(tmp_path_factory):
     return tmp, dirs, tok
 
 
+@pytest.mark.timeout(1800)  # ~40 s on an idle 2-core machine; the fixture trains a model on the CPU
 def test_eval_under_cp_equals_unsharded_hf(setup):
     from transformers import AutoModelForCausalLM
 
