@@ -74,7 +74,7 @@ def write_model(model: str, directory: Path, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def _config(directory: Path, device: str, seq: int):
+def _config(directory: Path, device: str, seq: int, extra: list[str]):
     from trainer.config import load_config
 
     return load_config(
@@ -94,6 +94,7 @@ def _config(directory: Path, device: str, seq: int):
             "checkpoint.resume=none",
             "logging.progress=false",
             f"output_dir={directory}/../run",
+            *extra,
         ],
     )
 
@@ -132,16 +133,17 @@ def _old_trainer():
     return OldTrainer
 
 
-def run_path(path: str, directory: Path, device: str, seq: int) -> dict:
+def run_path(path: str, directory: Path, device: str, seq: int, extra: list[str]) -> dict:
     """One path in this process: build, one step, measurements."""
     from trainer.model_build import host_peak_bytes  # noqa: F401 (same meter as the trainer)
     from trainer.trainer import Trainer
 
     t0 = time.perf_counter()
     cls = _old_trainer() if path == "old" else Trainer
-    trainer = cls(_config(directory, device, seq))
+    trainer = cls(_config(directory, device, seq, extra))
     dev = trainer.device
-    row = {"path": path, **trainer.stage_loader.stats}
+    # LoRA builds the whole model (no StageLoader): its row has no load columns.
+    row = {"path": path, **(trainer.stage_loader.stats if trainer.stage_loader else {})}
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t1 = time.perf_counter()
@@ -179,13 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--paths", nargs="+", default=["old", "new"], choices=["old", "new"])
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every path, e.g. lora.r=16 (the 8B step then fits one GPU)",
+    )
     ap.add_argument("--run-path", default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args(argv)
     directory = Path(args.dir or f"/tmp/longctx_load_{args.model}") / "model"
     if args.run_path:
-        print("ROW " + json.dumps(run_path(args.run_path, directory, args.device, args.seq)), flush=True)
+        print("ROW " + json.dumps(run_path(args.run_path, directory, args.device, args.seq, args.set)), flush=True)
         return 0
-    result = {"date": datetime.date.today().isoformat(), "model": args.model, "seq": args.seq, "rows": []}
+    result = {"date": datetime.date.today().isoformat(), "model": args.model, "seq": args.seq, "set": args.set}
+    result["rows"] = []
     if torch.cuda.is_available() and args.device == "cuda":
         result["device"] = torch.cuda.get_device_name()
     result["torch"] = torch.__version__
@@ -196,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.paths:
         cmd = [sys.executable, "-m", "bench.load", "--run-path", path, "--model", args.model]
         cmd += ["--device", args.device, "--dir", str(directory.parent), "--seq", str(args.seq)]
+        cmd += [f"--set={item}" for item in args.set]
         proc = subprocess.run(
             cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
         )
