@@ -40,6 +40,15 @@ def longctx_attention(
         raise ValueError("longctx attention does not implement attention dropout; set attention_dropout=0")
     if cp_context is None:
         cp_context = build_context(query.shape[2], layout="contiguous")
+    # Features a family may pass that the CP kernels cannot apply (config checks reject them first).
+    window = kwargs.get("sliding_window")
+    if window is not None and window < cp_context.seq_len:
+        raise ValueError(f"longctx attention has no sliding window ({window} < {cp_context.seq_len} tokens)")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"longctx attention does not implement {name} (logit soft-capping / attention sinks)"
+            )
     out = attend(query, key, value, cp_context, scaling, key=getattr(module, "layer_idx", None))
     return out.transpose(1, 2).contiguous(), None
 

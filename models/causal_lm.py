@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.families import rope_needs_length, stage_scales
 from models.fused_loss import IMPLS, fused_cross_entropy_sum, liger_cross_entropy_sum
 from models.loss import chunked_cross_entropy_sum, chunked_token_scores
 from models.offload import HostOffload
@@ -57,6 +58,9 @@ class CausalLMStage(nn.Module):
         self.keep_attention = False  # with checkpointed layers: reuse attention outputs in the recompute
         self.sequence_shards = None  # (to_shard, to_full) with TP sequence parallel (parallel/tp.py)
         self.loss_scale = 1.0  # set per step by the trainer: (fsdp world size) / (global valid tokens)
+        # Granite scales the embeddings and divides the logits in its model's forward, outside any module.
+        self.embed_scale, self.logits_divisor = stage_scales(self.config)
+        self.rope_needs_length = rope_needs_length(self.config)
 
     @staticmethod
     def _layer(layer: nn.Module, h: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -71,6 +75,19 @@ class CausalLMStage(nn.Module):
                 h = self._layer(layer, h, **kwargs)
         return h
 
+    def _rotary(self, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at this rank's global (e.g. zigzag-permuted) positions: exact for every static RoPE type.
+        Dynamic NTK and LongRoPE choose their frequencies from the largest position they are shown, so they
+        are shown the unsharded batch's (one extra column, dropped again) instead of this shard's."""
+        if not self.rope_needs_length:
+            return self.model.rotary_emb(h, position_ids)
+        top = position_ids.max()
+        if self.cp is not None and self.cp.max_position is not None:
+            top = self.cp.max_position(top)
+        extra = top.reshape(1, 1).to(position_ids.dtype).expand(position_ids.shape[0], 1)
+        cos, sin = self.model.rotary_emb(h, torch.cat([position_ids, extra], dim=1))
+        return cos[:, :-1], sin[:, :-1]
+
     def forward(
         self,
         x: torch.Tensor,
@@ -84,6 +101,8 @@ class CausalLMStage(nn.Module):
         (pipeline) stages the tuple (hidden, position_ids, doc_ids, labels) that the next stage takes.
         `per_token` (evaluation, with labels): the unscaled per-token losses and arg-max ids instead."""
         h = self.model.embed_tokens(x) if self.is_first else x
+        if self.is_first and self.embed_scale != 1.0:
+            h = h * self.embed_scale
         docs = doc_ids if self.doc_mask else None
         ctx = None
         if self.cp is not None:
@@ -95,7 +114,7 @@ class CausalLMStage(nn.Module):
             ctx = build_context(position_ids.shape[1], layout="contiguous", doc_ids=docs)
         if ctx is not None and self.keep_attention and torch.is_grad_enabled():
             ctx.keep = {}
-        rope = self.model.rotary_emb(h, position_ids)
+        rope = self._rotary(h, position_ids)
         if self.sequence_shards is not None and self.is_first:
             h = self.sequence_shards[0](h)  # the residual stream is split over TP between layers
         # Activation offload: tensors saved for backward (with full AC: only the layer inputs; with
@@ -121,6 +140,8 @@ class CausalLMStage(nn.Module):
         h = self.model.norm(h)
         if labels is None:
             return h
+        if self.logits_divisor != 1.0:
+            h = h / self.logits_divisor  # = logits / logits_scaling: the LM head is linear without bias
         if per_token:
             return chunked_token_scores(h, self.lm_head, labels, self.loss_chunk)
         # Shape [1], not a scalar: the pipeline schedule concatenates stage outputs across micro-batches.

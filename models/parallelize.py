@@ -1,5 +1,6 @@
-"""parallelize_llama: FP8 -> TP -> CP -> lean norms -> activation checkpointing -> compile -> FSDP2, for Llama,
-Qwen2 and Mistral.
+"""parallelize_llama: FP8 -> TP -> CP -> lean norms -> activation checkpointing -> compile -> FSDP2, for every
+family of models/families.py (Llama, Qwen2/3, Mistral, Ministral, OLMo 2, Granite, Phi-3, Qwen3-MoE): they
+differ only in their TP plan (the model's own base_model_tp_plan) and in whether their norms may be swapped.
 
 The order matters: the FP8 swap (training.fp8) comes first because it replaces the projection modules, and
 TP's input/output hooks would be lost with the modules they were registered on. TP then shards the
@@ -16,6 +17,7 @@ import logging
 from torch.distributed.device_mesh import DeviceMesh
 
 from models.causal_lm import CausalLMStage, tile_mlps
+from models.families import FAMILIES, tp_layer_plan
 from models.fp8 import convert_projections
 from models.norm import lean_norms
 from models.registry import DTYPES, register_family
@@ -32,13 +34,14 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
     """Apply every parallelism of `cfg.parallel` to one pipeline stage (in place); returns it.
     With parallel.engine other than fsdp2 everything but the FSDP wrapping is applied."""
     pcfg = cfg.parallel
+    family = FAMILIES[stage.config.model_type]
     layers = list(stage.model.layers.values())
     if getattr(cfg.training, "fp8", False):
         converted = convert_projections(layers, cfg.training.fp8_recipe, fp8_all_gather(cfg))
         log.info("fp8: %d projections in FP8 (%s scaling)", len(converted), cfg.training.fp8_recipe)
     if dims.tp > 1:
         tp_mesh = sub_mesh(mesh, "tp")
-        apply_tp(layers, tp_mesh, pcfg.sequence_parallel)
+        apply_tp(layers, tp_mesh, pcfg.sequence_parallel, layer_plan=tp_layer_plan(stage.config))
         if pcfg.sequence_parallel:
             stage.sequence_shards = sequence_shard_fns(tp_mesh)
     if dims.cp == 1:  # still attach the CP attention: document masks and kernel choice
@@ -51,7 +54,7 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
             ulysses_group=sub_mesh(mesh, "ulysses").get_group(),
         )
         apply_cp(stage, ring, uly, layout=pcfg.cp_layout, kernel=cfg.model.attn_kernel, accum=pcfg.cp_accum)
-    if not (dims.tp > 1 and pcfg.sequence_parallel):  # sequence parallel runs the norms on DTensors
+    if family.lean_norms and not (dims.tp > 1 and pcfg.sequence_parallel):  # SP: the norms run on DTensors
         lean_norms(stage)
     stage.ac_layers = checkpointed_layers(list(stage.model.layers.keys()), pcfg.activation_checkpointing)
     stage.keep_attention = keeps_attention(pcfg.activation_checkpointing)
@@ -96,5 +99,5 @@ def _hsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh["dp_replicate", "dp_shard_cp"]
 
 
-for _family in ("llama", "qwen2", "mistral"):
+for _family in FAMILIES:
     register_family(_family, parallelize_llama)

@@ -1,5 +1,10 @@
 """Tensor parallelism with DTensor: column-wise q/k/v/gate/up, row-wise o/down, optional sequence parallel.
 
+The per-layer plan is the model's own `base_model_tp_plan` from transformers (models/families.py strips its
+`layers.*.` prefix); HF_STYLES turns each of its style names into the DTensor style with the same math, so
+FSDP2 then shards the resulting DTensors over dp x cp as for a hand-written plan. `LAYER_PLAN` (Llama's)
+is the default.
+
 Heads are split across the TP group; the HF attention derives its local head count from the projected
 shape (`view(..., -1, head_dim)`), so the model code needs no change and CP then operates on the local
 heads. Embedding, final norm and LM head stay replicated over TP (their gradients come out identical on
@@ -38,12 +43,27 @@ LAYER_PLAN = {
 }
 
 
-def _plan(sequence_parallel: bool) -> dict:
+HF_STYLES: dict[str, Callable] = {
+    "colwise": ColwiseParallel,
+    "rowwise": RowwiseParallel,
+    # The module after it needs every output feature (OLMo 2's q/k norm over all heads, Phi-3's split of a
+    # fused qkv or gate_up): gather the output; the row-wise layer then takes its slice of a replicated input.
+    "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
+    "rowwise_split_input": lambda: RowwiseParallel(input_layouts=Replicate()),
+    # A per-head q/k norm (Qwen3) sees [B, S, heads/tp, D]: its weight stays replicated and its gradient,
+    # partial per TP rank, is summed by DTensor - the heads dimension plays the role of a sharded sequence.
+    "replicated_with_grad_allreduce": lambda: SequenceParallel(sequence_dim=2, use_local_output=True),
+}
+
+
+def _plan(sequence_parallel: bool, layer_plan: dict[str, str]) -> dict:
+    unknown = sorted({kind for kind in layer_plan.values() if kind not in HF_STYLES})
+    if unknown:
+        raise ValueError(f"tensor-parallel styles {', '.join(unknown)} are not implemented")
+    plan = {name: HF_STYLES[kind]() for name, kind in layer_plan.items()}
     if not sequence_parallel:
-        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-        return {name: styles[kind]() for name, kind in LAYER_PLAN.items()}
+        return plan
     gather = dict(desired_input_layouts=(Replicate(),), use_local_output=True)
-    plan = {name: ColwiseParallel() for name, kind in LAYER_PLAN.items() if kind == "colwise"}
     plan.update(
         {
             "input_layernorm": SequenceParallel(),
@@ -55,16 +75,24 @@ def _plan(sequence_parallel: bool) -> dict:
                 use_local_output=True,
             ),
             "mlp": PrepareModuleInput(input_layouts=(Shard(1),), **gather),
-            "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
-            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
         }
+    )
+    # The row-wise projections end the blocks: reduce-scatter their output back to sequence shards.
+    plan.update(
+        {name: RowwiseParallel(output_layouts=Shard(1)) for name, k in layer_plan.items() if k == "rowwise"}
     )
     return plan
 
 
-def apply_tp(layers: list[nn.Module], tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
-    """Shard each decoder layer's projections (and, with sequence parallel, its norms) over `tp_mesh`."""
-    plan = _plan(sequence_parallel)
+def apply_tp(
+    layers: list[nn.Module],
+    tp_mesh: DeviceMesh,
+    sequence_parallel: bool = False,
+    layer_plan: dict[str, str] | None = None,
+) -> None:
+    """Shard each decoder layer's projections (and, with sequence parallel, its norms) over `tp_mesh`.
+    `layer_plan`: module suffix -> HF style name (a model's base_model_tp_plan); default LAYER_PLAN."""
+    plan = _plan(sequence_parallel, LAYER_PLAN if layer_plan is None else layer_plan)
     for layer in layers:
         parallelize_module(layer, tp_mesh, plan)
 

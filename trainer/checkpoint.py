@@ -129,6 +129,19 @@ def config_hash(model_config: Any) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def rope_of(model_config: Any) -> dict | None:
+    """The model's RoPE settings (rope_parameters plus the context length) as plain JSON values, recorded in
+    the marker so a resume under other RoPE settings (model.config overrides) is named in the warning."""
+    if model_config is None:
+        return None
+    data = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    rope = {
+        "rope_parameters": data.get("rope_parameters"),
+        "max_position_embeddings": data.get("max_position_embeddings"),
+    }
+    return json.loads(json.dumps(rope, sort_keys=True, default=str))
+
+
 def _fresh_dir(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)  # leftover of an interrupted save of this same step
@@ -171,6 +184,7 @@ class Checkpointer:
         self.root = self.output_dir / "checkpoints"
         self.layout = dict(layout or {})
         self.model_hash = config_hash(model_config)
+        self.model_rope = rope_of(model_config)
         self.native = native
         self.saved_layout: dict | None = None
         self._pending: tuple[Future, int, Path] | None = None
@@ -299,6 +313,7 @@ class Checkpointer:
             "world_size": _world(),
             "layout": self.layout,
             "model_config_hash": self.model_hash,
+            "rope": self.model_rope,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / (MARKER + ".part")).write_text(json.dumps(marker, indent=2))
@@ -352,6 +367,13 @@ class Checkpointer:
             )
         if self.model_hash and marker.get("model_config_hash") not in (None, self.model_hash):
             logger.warning("checkpoint %s was saved with a different model config (hash differs)", path)
+        if self.model_rope and marker.get("rope") not in (None, self.model_rope):
+            logger.warning(
+                "checkpoint %s was trained with RoPE %s; this run uses %s (model.config overrides)",
+                path,
+                marker["rope"],
+                self.model_rope,
+            )
         return marker
 
     def load_state(self, path: str | os.PathLike, entries: dict[str, Any]) -> int:

@@ -25,10 +25,14 @@ from trainer.config_checks import COMMAND_LINE, MODEL_TYPES, validate, value_sou
 class ModelConfig:
     path: str | None = None
     """HF hub id or local directory of safetensors (what `save_pretrained` writes, `from_pretrained` reads); each
-    rank reads only the slices of its own shards (docs/loading.md). Exclusive with `model.config`."""
+    rank reads only the slices of its own shards (docs/loading.md)."""
     config: dict[str, Any] | None = None
-    """Inline HF config fields (must include `model_type`: llama | qwen2 | mistral) for a randomly initialised model
-    (the family's init, seeded per module by training.seed: the same weights for every layout)."""
+    """Without `model.path`: inline HF config fields of a randomly initialised model (must include `model_type`:
+    llama | qwen2 | qwen3 | mistral | ministral | olmo2 | granite | phi3 | qwen3_moe; the family's init, seeded per
+    module by training.seed: the same weights for every layout). With `model.path`: fields overriding the
+    pretrained config before the weights load, e.g. `rope_parameters` (or the older `rope_theta` / `rope_scaling`),
+    `max_position_embeddings`, `sliding_window`; fields that change a weight's shape are rejected
+    (docs/context_extension.md)."""
     dtype: str = "float32"
     """Parameter/compute dtype: float32 | bfloat16."""
     tokenizer: str | None = None

@@ -11,6 +11,7 @@ import difflib
 import os
 from typing import TYPE_CHECKING, Any
 
+from models.families import FAMILIES
 from parallel.dims import ConfigError, check_seq_len, data_parallel_degree, ulysses_degree
 from trainer.ds_config import ENGINES, OFFLOAD_DEVICES, validate_engine
 from trainer.eval_checks import validate_eval
@@ -49,7 +50,7 @@ _NON_NEGATIVE = (
     "training.seed training.max_grad_norm training.skip_nonfinite optim.lr optim.weight_decay "
     "optim.warmup_steps checkpoint.interval checkpoint.keep"
 ).split()
-MODEL_TYPES = ("llama", "qwen2", "mistral")
+MODEL_TYPES = tuple(FAMILIES)
 
 
 def _get(cfg: Config, key: str) -> Any:
@@ -127,9 +128,13 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(key, f"must be >= 0, got {_get(cfg, key)}")
 
     m, p, o = cfg.model, cfg.parallel, cfg.optim
-    if (m.path is None) == (m.config is None):
-        raise ConfigError("model", "set exactly one of model.path (pretrained) or model.config (random init)")
-    if m.config is not None and m.config.get("model_type") not in MODEL_TYPES:
+    if m.path is None and m.config is None:
+        raise ConfigError(
+            "model",
+            "set model.path (pretrained), model.config (random init), or both (pretrained, with the "
+            "model.config fields overridden, e.g. model.config.rope_parameters)",
+        )
+    if m.path is None and m.config.get("model_type") not in MODEL_TYPES:
         raise ConfigError(
             "model.config.model_type",
             f"must be one of {' | '.join(MODEL_TYPES)}, got {m.config.get('model_type')!r}",

@@ -47,6 +47,8 @@ def load_model_config(cfg: Config) -> Any:
 
     try:
         return load_hf_config(cfg.model.path, cfg.model.config)
+    except ConfigError:
+        raise  # a model.config override the pretrained model cannot take: already names its field
     except Exception as exc:  # noqa: BLE001 - HF raises many types for the same mistake; the user needs one line
         key = "model.path" if cfg.model.path is not None else "model.config"
         raise ConfigError(key, f"cannot load HF config: {' '.join(str(exc).split())}") from None
@@ -91,6 +93,12 @@ def validate_run(
     if wants_auto(cfg):
         cfg = resolve_auto(cfg, world_size, hf)
     dims = ParallelDims.from_config(cfg.parallel, world_size)
+    from models.registry import check_supported
+
+    # families and the features the CP attention cannot honour, each naming its field (models/families.py)
+    family_notes = check_supported(
+        hf, cfg.training.seq_len, tp=dims.tp, sequence_parallel=cfg.parallel.sequence_parallel
+    )
     model_type = getattr(hf, "model_type", None)
     if model_type not in MODEL_TYPES:
         raise ConfigError(
@@ -99,7 +107,7 @@ def validate_run(
         )
     shape = ModelShape.from_hf(hf)
     device = run_device_type(cfg.training.device) if device_type is None else device_type
-    notes = check_layout(dims, shape, run_settings(cfg, device))
+    notes = family_notes + check_layout(dims, shape, run_settings(cfg, device))
     validate_device_features(cfg, device)  # training.fp8 (an FP8 GPU), loss_impl=liger (CUDA)
     from trainer.training_kind import training_kind
 

@@ -288,4 +288,15 @@ def apply_cp(
             accum=accum,
         )
 
-    stage.cp = CPSpec(make_context=make_context, seq_shards=_size(ring_group) * _size(ulysses_group))
+    def max_position(local: Tensor) -> Tensor:
+        top = local.reshape(1).clone()
+        for group in (ulysses_group, ring_group):
+            if _size(group) > 1:
+                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        return top[0]
+
+    stage.cp = CPSpec(
+        make_context=make_context,
+        seq_shards=_size(ring_group) * _size(ulysses_group),
+        max_position=max_position,
+    )

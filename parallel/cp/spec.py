@@ -15,3 +15,4 @@ class CPSpec:
 
     make_context: Any  # Callable[[int, Tensor | None], CPContext]
     seq_shards: int  # the factor by which the local sequence is shorter than the full one
+    max_position: Any = None  # Callable[[Tensor], Tensor]: a rank's largest position -> the CP group's
