@@ -11,7 +11,7 @@ import difflib
 import os
 from typing import TYPE_CHECKING, Any
 
-from models.families import FAMILIES
+from models.families import FAMILIES, NOT_SUPPORTED
 from parallel.dims import ConfigError, check_seq_len, data_parallel_degree, ulysses_degree
 from trainer.ds_config import ENGINES, OFFLOAD_DEVICES, validate_engine
 from trainer.eval_checks import validate_eval
@@ -135,9 +135,11 @@ def _check_values(cfg: Config) -> None:
             "model.config fields overridden, e.g. model.config.rope_parameters)",
         )
     if m.path is None and m.config.get("model_type") not in MODEL_TYPES:
+        why = NOT_SUPPORTED.get(m.config.get("model_type"))
         raise ConfigError(
             "model.config.model_type",
-            f"must be one of {' | '.join(MODEL_TYPES)}, got {m.config.get('model_type')!r}",
+            f"must be one of {' | '.join(MODEL_TYPES)}, got {m.config.get('model_type')!r}"
+            + (f" ({why})" if why else ""),
         )
     if p.ac_group > 1 and p.activation_checkpointing != "full":
         raise ConfigError(
