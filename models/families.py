@@ -105,6 +105,14 @@ def _sliding_window(hf_config: Any) -> int | None:
     return int(window)
 
 
+def context_notes(hf_config: Any, seq_len: int) -> list[str]:
+    """Lines worth printing before a run: the RoPE in use (pretrained or overridden) and its window.
+    (ParallelDims.validate_model already notes a seq_len past max_position_embeddings.)"""
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    window = getattr(hf_config, "max_position_embeddings", None)
+    return [f"rope: {', '.join(f'{k}={v}' for k, v in rope.items())}; max_position_embeddings={window}"]
+
+
 def check_family(hf_config: Any, seq_len: int, *, tp: int = 1, sequence_parallel: bool = False) -> Family:
     """The model's Family, or ConfigError naming the field (or parallel key) that longctx cannot honour."""
     mt = getattr(hf_config, "model_type", None)

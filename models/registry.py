@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from models.attention import register as register_attention
-from models.families import check_family
+from models.families import check_family, context_notes
 from models.overrides import apply_overrides
 from parallel.shape import head_dim_of  # noqa: F401  (re-exported for models/ and trainer/ callers)
 
@@ -74,8 +74,9 @@ def build_hf_model(
 
 def check_supported(
     hf_config: PretrainedConfig, seq_len: int, *, tp: int = 1, sequence_parallel: bool = False
-) -> None:
+) -> list[str]:
     """Reject models and model features the CP attention would silently ignore (ConfigError naming the
     field: soft-capping, sliding windows shorter than seq_len, non-causal layers, unsupported families and
-    their TP limits; models/families.py)."""
+    their TP limits; models/families.py). Returns notes to log (the RoPE in use, a seq_len past the window)."""
     check_family(hf_config, seq_len, tp=tp, sequence_parallel=sequence_parallel)
+    return context_notes(hf_config, seq_len)
