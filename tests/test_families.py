@@ -71,6 +71,14 @@ LONGROPE = dict(
     original_max_position_embeddings=48,
     rope_theta=10000.0,
 )
+LLAMA3 = dict(
+    rope_type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=16,
+    rope_theta=500000.0,
+)
 # name -> (trainer overrides of model.config, what transformers is given for the reference config)
 ROPE = {
     "yarn": (["model.config.rope_parameters=" + json.dumps(YARN)], dict(rope_parameters=YARN)),
@@ -82,6 +90,7 @@ ROPE = {
         ['model.config.rope_scaling={"type": "linear", "factor": 2.0}', "model.config.rope_theta=50000.0"],
         dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=50000.0)),
     ),
+    "llama3": (["model.config.rope_parameters=" + json.dumps(LLAMA3)], dict(rope_parameters=LLAMA3)),
     # Under CP each shard's largest position differs: both types must see the global one.
     "dynamic": (
         [
@@ -109,6 +118,7 @@ PP2CP2 = ["parallel.pp=2", "parallel.cp=2"]
 # (case name, model, rope override name or None, layout overrides)
 CASES = [
     *[(f"llama-{r}-{s}", "llama", r, CP4[s]) for r in ("yarn", "theta", "old-keys") for s in CP4],
+    ("llama-llama3-ring-contiguous", "llama", "llama3", [*CP4["ring"], "parallel.cp_layout=contiguous"]),
     ("llama-dynamic-ring", "llama", "dynamic", CP4["ring"]),
     (
         "llama-dynamic-hybrid-contiguous",
