@@ -308,7 +308,7 @@ def test_bad_eval_input_is_one_line_config_error(tmp_path):
 
     # The command line: one line on stderr, exit code 2, nothing written.
     cmd = [sys.executable, "train.py", "--config", "configs/demo.yaml", f"output_dir={tmp_path}/run",
-           "--eval-only"]  # fmt: skip
+           "parallel.dp=1", "parallel.cp=1", "--eval-only"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("config error: eval: --eval-only needs eval.path")
