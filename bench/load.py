@@ -71,6 +71,9 @@ def write_model(model: str, directory: Path, device: str) -> float:
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     hf.save_pretrained(directory)
+    del hf
+    if torch.cuda.is_available():  # the measured paths run in child processes: leave them the whole card
+        torch.cuda.empty_cache()
     return time.perf_counter() - t0
 
 
