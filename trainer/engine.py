@@ -146,6 +146,28 @@ ENGINES: dict[str, Callable[[Any, nn.Module, EngineContext], Engine]] = {
 }
 
 
+def _fsdp2_stage_build(cfg: Any, mesh: DeviceMesh) -> tuple[Any, torch.dtype]:
+    return None, torch.float32  # the default meta build; fp32 masters, FSDP casts to model.dtype
+
+
+def _deepspeed_stage_build(cfg: Any, mesh: DeviceMesh) -> tuple[Any, torch.dtype]:
+    from trainer.ds_load import ZeroInitBuild  # DeepSpeed keeps its own fp32 masters: build in model.dtype
+
+    return (ZeroInitBuild(cfg, mesh) if cfg.deepspeed.zero_stage == 3 else None), DTYPES[cfg.model.dtype]
+
+
+# How each engine wants the model stage built before it takes it: (StageLoader builder or None, dtype).
+STAGE_BUILDS: dict[str, Callable[[Any, DeviceMesh], tuple[Any, torch.dtype]]] = {
+    "fsdp2": _fsdp2_stage_build,
+    "deepspeed": _deepspeed_stage_build,
+}
+
+
+def stage_build(cfg: Any, mesh: DeviceMesh, engine: str | None = None) -> tuple[Any, torch.dtype]:
+    """The builder and parameter dtype for the stage `engine` (default `parallel.engine`) will own."""
+    return STAGE_BUILDS[engine or cfg.parallel.engine](cfg, mesh)
+
+
 def build_engine(cfg: Any, stage: nn.Module, ctx: EngineContext) -> Engine:
     """The engine `parallel.engine` names, built around `stage` (config validation checked the name)."""
     return ENGINES[cfg.parallel.engine](cfg, stage, ctx)

@@ -20,7 +20,7 @@ from trainer.checkpoint import Checkpointer, check_writable
 from trainer.checkpoint_state import JsonState, capture_rng_state, restore_rng_state, train_state
 from trainer.config import Config, config_to_dict, save_config
 from trainer.data import build_dataloader, load_tokenizer
-from trainer.engine import EngineContext, build_engine
+from trainer.engine import EngineContext, build_engine, stage_build
 from trainer.errors import ModelLoadError, one_line
 from trainer.evaluate import build_evaluator, load_weights_for_eval
 from trainer.layout import check_vocab, validate_run
@@ -110,13 +110,9 @@ class Trainer:
         calls `_fill_stage` (trainer/model_build.py: each rank materialises and fills only its shards)."""
         if self.kind.name != "full":
             return self._build_stage_whole()
-        cfg, builder, dtype = self.cfg, None, torch.float32  # fp32 masters; FSDP casts to model.dtype
-        if cfg.parallel.engine == "deepspeed" and not self.eval_only:
-            from trainer.ds_load import ZeroInitBuild
-
-            dtype = DTYPES[cfg.model.dtype]  # DeepSpeed keeps its own fp32 masters
-            if cfg.deepspeed.zero_stage == 3:
-                builder = ZeroInitBuild(cfg, self.mesh)
+        cfg = self.cfg
+        # --eval-only shards the stage as FSDP2 training does, whatever engine trained it.
+        builder, dtype = stage_build(cfg, self.mesh, "fsdp2" if self.eval_only else None)
         self.stage_loader = StageLoader(cfg, self.hf_config, self.device, builder=builder, dtype=dtype)
         with self._model_errors():
             return self.stage_loader.build(sub_mesh(self.mesh, "pp").get_local_rank(), self.dims.pp)
