@@ -8,7 +8,7 @@ import pytest
 from trainer.cli import cli_main
 
 TINY = dict(
-    vocab_size=128,
+    vocab_size=1024,  # at least the demo tokenizer's 695 tokens (the dry run checks it)
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=2,
