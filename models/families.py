@@ -30,6 +30,9 @@ class Family:
     sequence-parallel plan of parallel/tp.py applies."""
     tensor_parallel: bool = True
     """The model's base_model_tp_plan uses only styles parallel/tp.py implements."""
+    pretrained: bool = True
+    """Its checkpoints load through the sharded safetensors loader (Qwen3-MoE's fused expert tensors do not
+    map onto the checkpoint's per-expert keys yet)."""
 
 
 FAMILIES: dict[str, Family] = {
@@ -43,7 +46,7 @@ FAMILIES: dict[str, Family] = {
         Family("granite", "Granite 3"),
         Family("phi3", "Phi-3 / Phi-3.5", sequence_parallel=False),
         Family("ministral", "Ministral"),
-        Family("qwen3_moe", "Qwen3-MoE", sequence_parallel=False, tensor_parallel=False),
+        Family("qwen3_moe", "Qwen3-MoE", sequence_parallel=False, tensor_parallel=False, pretrained=False),
     )
 }
 
@@ -113,7 +116,9 @@ def context_notes(hf_config: Any, seq_len: int) -> list[str]:
     return [f"rope: {', '.join(f'{k}={v}' for k, v in rope.items())}; max_position_embeddings={window}"]
 
 
-def check_family(hf_config: Any, seq_len: int, *, tp: int = 1, sequence_parallel: bool = False) -> Family:
+def check_family(
+    hf_config: Any, seq_len: int, *, tp: int = 1, sequence_parallel: bool = False, pretrained: bool = False
+) -> Family:
     """The model's Family, or ConfigError naming the field (or parallel key) that longctx cannot honour."""
     mt = getattr(hf_config, "model_type", None)
     for field in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -162,4 +167,10 @@ def check_family(hf_config: Any, seq_len: int, *, tp: int = 1, sequence_parallel
                 f"not implemented for {family.name} (its layers are not pre-norm with head-sharded "
                 "projections); set it to false",
             )
+    if pretrained and not family.pretrained:
+        raise ConfigError(
+            "model.path",
+            f"{family.name} checkpoints do not load yet (the sharded loader has no mapping for its fused expert "
+            "tensors, model.layers.*.mlp.experts.*); train it from model.config (random init)",
+        )
     return family

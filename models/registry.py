@@ -73,10 +73,15 @@ def build_hf_model(
 
 
 def check_supported(
-    hf_config: PretrainedConfig, seq_len: int, *, tp: int = 1, sequence_parallel: bool = False
+    hf_config: PretrainedConfig,
+    seq_len: int,
+    *,
+    tp: int = 1,
+    sequence_parallel: bool = False,
+    pretrained: bool = False,
 ) -> list[str]:
     """Reject models and model features the CP attention would silently ignore (ConfigError naming the
     field: soft-capping, sliding windows shorter than seq_len, non-causal layers, unsupported families and
     their TP limits; models/families.py). Returns notes to log (the RoPE in use, a seq_len past the window)."""
-    check_family(hf_config, seq_len, tp=tp, sequence_parallel=sequence_parallel)
+    check_family(hf_config, seq_len, tp=tp, sequence_parallel=sequence_parallel, pretrained=pretrained)
     return context_notes(hf_config, seq_len)

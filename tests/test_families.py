@@ -141,14 +141,6 @@ CASES = [
     ("phi3-pp2-cp2", "phi3", None, PP2CP2),
     ("ministral-cp4-hybrid", "ministral", None, CP4["hybrid"]),
     ("ministral-tp2-cp2", "ministral", None, TP2CP2),
-    ("qwen3_moe-cp4-ring", "qwen3_moe", None, CP4["ring"]),
-    (
-        "qwen3_moe-dp2-cp2-ulysses",
-        "qwen3_moe",
-        None,
-        ["parallel.dp=2", "parallel.cp=2", "parallel.cp_strategy=ulysses"],
-    ),
-    ("qwen3_moe-pp2-cp2", "qwen3_moe", None, PP2CP2),
 ]
 
 

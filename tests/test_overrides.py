@@ -74,6 +74,7 @@ REJECTED = [
     ("llama", ["model.config.model_type=qwen2"], 1, "config error: model.config.model_type: 'qwen2' differs"),
     ("gemma2", [], 1, "config error: model.config.attn_logit_softcapping: gemma2 soft-caps"),
     ("gemma3_text", [], 1, "config error: model.config.sliding_window: sliding-window attention (32 tokens)"),
+    ("qwen3_moe", [], 1, "config error: model.path: Qwen3-MoE checkpoints do not load yet"),
     (
         "qwen3_moe",
         ["parallel.tp=2"],

@@ -97,7 +97,11 @@ def validate_run(
 
     # families and the features the CP attention cannot honour, each naming its field (models/families.py)
     family_notes = check_supported(
-        hf, cfg.training.seq_len, tp=dims.tp, sequence_parallel=cfg.parallel.sequence_parallel
+        hf,
+        cfg.training.seq_len,
+        tp=dims.tp,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        pretrained=cfg.model.path is not None,
     )
     model_type = getattr(hf, "model_type", None)
     if model_type not in MODEL_TYPES:
