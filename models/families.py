@@ -97,17 +97,6 @@ def rope_needs_length(hf_config: Any) -> bool:
     return "dynamic" in kind or kind == "longrope"
 
 
-def _sliding_window(hf_config: Any) -> int | None:
-    """The window of the layers that use one, or None when every layer attends to the full context."""
-    window = getattr(hf_config, "sliding_window", None)
-    if not window or getattr(hf_config, "use_sliding_window", True) is False:
-        return None
-    types = getattr(hf_config, "layer_types", None)
-    if types is not None and "sliding_attention" not in types:
-        return None
-    return int(window)
-
-
 def context_notes(hf_config: Any, seq_len: int) -> list[str]:
     """Lines worth printing before a run: the RoPE in use (pretrained or overridden) and its window.
     (ParallelDims.validate_model already notes a seq_len past max_position_embeddings.)"""
@@ -128,14 +117,7 @@ def check_family(
                 f"{mt} soft-caps logits ({getattr(hf_config, field)}), which longctx's CP attention and "
                 "chunked loss do not apply; this model is not supported",
             )
-    window = _sliding_window(hf_config)
-    if window is not None and seq_len > window:
-        raise ConfigError(
-            "model.config.sliding_window",
-            f"sliding-window attention ({window} tokens) is not supported by longctx attention and "
-            f"training.seq_len={seq_len} exceeds it; for full causal attention set sliding_window to at least "
-            f"{seq_len} (or null where the family allows it)",
-        )
+    # Sliding windows and attention dropout: parallel/layout_checks.check_features (the planner runs it too).
     if (
         getattr(hf_config, "use_bidirectional_attention", False)
         or getattr(hf_config, "is_causal", True) is False

@@ -1,7 +1,7 @@
 """Every check a layout must pass once its degrees are known, on typed arguments.
 
 `check_layout` runs, in this order: the model's shapes against the mesh (ParallelDims.validate_model), model
-features the CP attention cannot honour, the attention kernel for the run's device, and the pipeline's
+features the CP attention cannot honour (sliding windows, dropout: the one copy of those checks), the attention kernel for the run's device, and the pipeline's
 micro-batches. trainer/layout.validate_run calls it for the run, and the planner (parallel/planner/
 enumerate.py) for every candidate, so a reason the planner prints is the error the trainer raises.
 """
@@ -52,7 +52,8 @@ def check_features(model: ModelShape, seq_len: int) -> None:
         raise ConfigError(
             "model.config.sliding_window",
             f"sliding-window attention ({model.sliding_window} tokens) is not supported by longctx attention "
-            f"and training.seq_len={seq_len} exceeds it; set sliding_window: null",
+            f"and training.seq_len={seq_len} exceeds it; for full causal attention set sliding_window to at "
+            f"least {seq_len} (or null where the family allows it)",
         )
     if model.attention_dropout:
         raise ConfigError("model.config.attention_dropout", "longctx attention has no dropout; set it to 0")

@@ -37,8 +37,12 @@ class ModelShape:
     def from_hf(cls, hf: Any) -> ModelShape:
         heads = hf.num_attention_heads
         window = getattr(hf, "sliding_window", None)
-        # Qwen2 carries a sliding_window value with use_sliding_window=false: no window then.
-        if not (window and getattr(hf, "use_sliding_window", True)):
+        # Qwen2 carries a sliding_window value with use_sliding_window=false: no window then; nor when
+        # layer_types lists no sliding layer.
+        types = getattr(hf, "layer_types", None)
+        if not (window and getattr(hf, "use_sliding_window", True) is not False) or (
+            types is not None and "sliding_attention" not in types
+        ):
             window = None
         return cls(
             layers=hf.num_hidden_layers,
