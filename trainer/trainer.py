@@ -42,7 +42,6 @@ class Trainer:
         self._validate()  # everything that can reject the run, before any weights or data are loaded
         self._record_config()
         self._build_mesh()
-        self.tokenizer = load_tokenizer(self.cfg)
         if eval_only:  # --eval-only: the stage sharded as for FSDP2 training, no engine (optimizer) or data
             self._build_for_eval()
             return
@@ -72,7 +71,8 @@ class Trainer:
         # Everything that can reject the run does so before any weights or data are loaded.
         run = validate_run(cfg, self.world, device_type=self.device.type)
         cfg = self.cfg = run.cfg  # parallel.auto / cp_strategy=auto filled in
-        check_vocab(cfg, run.hf_config, load_tokenizer(cfg))
+        self.tokenizer = load_tokenizer(cfg)  # the last check needs it, and the run keeps it
+        check_vocab(cfg, run.hf_config, self.tokenizer)
         self.hf_config, self.dims, self.family = run.hf_config, run.dims, family_of(run.hf_config)
         self.kind = run.kind  # full fine-tuning or LoRA (trainer/training_kind.py)
         for note in run.notes:
