@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -237,5 +238,8 @@ def cli_main(argv: list[str], run_fn: Callable[[Config, CliFlags], Any]) -> Any:
         sys.stderr.flush()
         from trainer.distributed import wait_for_peer_reports
 
+        # torchrun SIGTERMs the ranks still alive once the first exits: this one has reported, so it ends
+        # with the same code rather than as "killed by SIGTERM".
+        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(2))
         wait_for_peer_reports(_env_int("WORLD_SIZE", 1))
         raise SystemExit(2) from None
