@@ -2,6 +2,8 @@
 
     torchrun --nproc_per_node 1 -m bench.lora --rows lora:262144 full:98304 --out $OUT/lora_8b.json
     torchrun --nproc_per_node 1 -m bench.lora --rows lora:524288:4 lora:884736:4 --out $OUT/lora_8b_L4.json
+    torchrun --nproc_per_node 1 -m bench.lora --rows lora:32768 --set parallel.compile=true \
+        --variant bf16: --variant fp8:training.fp8=true --warmup 2 --steps 3 --out $OUT/lora_fp8_8b.json
     torchrun --nproc_per_node 1 -m bench.lora --model tiny --device cpu --rows lora:256 full:256   # smoke
 
 A row is `kind:seq[:layers]`: kind `lora` (lora.r=--rank on the attention and MLP projections, base frozen
@@ -9,7 +11,7 @@ in bf16) or `full` (fp32 masters + AdamW), `layers` a shallower model of the sam
 of a full-depth step that would outlast the device's command limit). Every row is the trainer's own build
 (trainer/training_kind.py) and step (trainer/step.py) on random tokens, with the memory switches of
 --set (default: full checkpointing in groups of 4 layers, their inputs offloaded to the host, MLPs in 8
-tiles). Peak host memory is this process's resident set, sampled every 0.2 s during the row. The planner
+tiles); each --variant adds its overrides on top, one row per row x variant. Peak host memory is this process's resident set, sampled every 0.2 s during the row. The planner
 columns are parallel/planner's prediction for the same row and layout (--device-memory-gib decides `fits`).
 """
 
@@ -40,6 +42,7 @@ from bench.train import PEAK_BF16, EngineRow, make_config, parse_variant, run_st
 SWITCHES = "parallel.ac_group=4,parallel.activation_offload=true,parallel.mlp_chunks=8"
 COLUMNS = [
     "kind",
+    "variant",
     "seq",
     "layers",
     "step_s",
@@ -159,6 +162,12 @@ def main() -> None:
     ap.add_argument(
         "--set", default=SWITCHES, help="comma-separated KEY=VALUE config overrides for every row"
     )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help="'label:key=value,...' overrides on top of --set (e.g. 'fp8:training.fp8=true'); repeat",
+    )
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--steps", type=int, default=1)
@@ -167,14 +176,18 @@ def main() -> None:
     _, world = init_dist(args.device)
     device = local_device(args.device)
     switches = parse_variant(f"switches:{args.set}")[1]
+    variants = [parse_variant(v) for v in args.variant or ["base:"]]
     rows = []
-    for spec in args.rows:
+    for spec, (label, overrides) in [(s, v) for s in args.rows for v in variants]:
         free_memory(device)
         t0 = time.perf_counter()
         try:
-            row = measure(args.model, spec, args.rank, switches, world, device, args.warmup, args.steps)
+            row = measure(
+                args.model, spec, args.rank, {**switches, **overrides}, world, device, args.warmup, args.steps
+            )
         except Exception as e:  # an OOM or any failure: keep the other rows
             row = dict(kind=spec, error=describe_error(e))
+        row["variant"] = label
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
         log0(row)
