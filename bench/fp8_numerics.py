@@ -1,19 +1,23 @@
-"""FP8 numerics: the same training run in bf16 and in FP8, loss curves compared step by step.
+"""FP8 numerics: the same training run in bf16 and in FP8, loss curves compared step by step, next to a
+bf16 control that differs from the bf16 run only by rounding.
 
-    python -m bench.fp8_numerics --out $OUT/fp8_numerics.json                  # one H200, ~6 minutes
+    python -m bench.fp8_numerics --out $OUT/fp8_numerics.json                  # one H200, ~7 minutes
     python -m bench.fp8_numerics --model tiny --device cpu --steps 6 --seq 256   # CPU smoke run (no FP8)
 
 Each run is `train.py` itself (one rank via torchrun): the 1B shape of bench/train.py (16 layers, hidden
-2048, vocab 128256; random init) on the shipped corpus (configs/demo/corpus.jsonl, ~1 MB of generated
-English-like text, tokenised with configs/demo/tokenizer, so only its 695 token ids occur) - the loader
-packs it into sequences and reshuffles it every epoch, which is the "scaled up by repetition with
-shuffling" corpus: 200 steps of 2 x 8192 tokens read it ~13 times. Same seed, same data order, same
-schedule (AdamW 3e-4, 20 warm-up steps, cosine), bf16 compute + compile; the only difference is
-training.fp8. seq_len is 8192 (not 64k) so both runs fit in 8 minutes; the FP8 matmuls are the same GEMM
-shapes per token at any length, only attention (not FP8) grows with it.
+2048, vocab 128256; random init), same seed, same data order, same schedule (AdamW 3e-4, 20 warm-up steps,
+cosine), bf16 compute + compile. Runs: `bf16`; `fp8` (training.fp8, the only change); `control` (bf16 with
+training.loss_impl=fused: the same maths with other bf16 rounding - how far two runs part when only rounding
+differs, the noise floor FP8 must be read against). seq_len is 8192 (not 64k) so the runs fit one device
+command; the FP8 matmuls are the same GEMM shapes per token at any length, only attention (not FP8) grows.
 
-Reported: the largest |loss_fp8 - loss_bf16| / loss_bf16 after warm-up, per step and on the 10-step
-running mean (the curves), and each run's median tokens/s. The issue's target: within 1%.
+Data (--corpus): `fresh` (default) generates as many documents of the demo grammar (trainer/data/demo.py,
+another seed than the shipped file) as the run reads, so no document is seen twice and the loss measures
+the grammar, not memorisation; `demo` reads the shipped configs/demo/corpus.jsonl (~250k tokens), which
+200 steps of 2 x 8192 tokens repeat ~13 times (a measurement on it ended with both runs memorising it).
+
+Reported: the largest |loss_x - loss_bf16| / loss_bf16 after warm-up, per step and on the 10-step running
+mean (the curves), for x = fp8 and x = control, and each run's median tokens/s. The issue's target: within 1%.
 """
 
 from __future__ import annotations
@@ -33,7 +37,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = "configs/demo/tokenizer"
 
 
-def run_config(model: str, seq: int, batch: int, steps: int, device: str, out_dir: str, fp8: bool) -> dict:
+def fresh_corpus(path: str, tokens: int) -> str:
+    """A JSONL corpus of new demo-grammar documents holding at least `tokens` tokens (1.3x margin for the
+    packer's padding and split ends); written once per run set."""
+    from transformers import AutoTokenizer
+
+    from trainer.data.demo import SEED, make_corpus
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, TOKENIZER))
+    sample = make_corpus(200, seed=SEED + 1000)
+    per_doc = sum(len(tok(t)["input_ids"]) for t in sample) / len(sample)
+    docs = make_corpus(int(1.3 * tokens / per_doc) + 1, seed=SEED + 1000)
+    with open(path, "w", encoding="utf-8") as f:
+        for text in docs:
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def run_config(
+    model: str,
+    seq: int,
+    batch: int,
+    steps: int,
+    device: str,
+    out_dir: str,
+    data: str,
+    overrides: dict,
+) -> dict:
     from transformers import AutoTokenizer
 
     from bench.train import MODELS
@@ -47,7 +77,7 @@ def run_config(model: str, seq: int, batch: int, steps: int, device: str, out_di
             "tokenizer": TOKENIZER,
             "dtype": "bfloat16" if device == "cuda" else "float32",
         },
-        "data": {"path": "configs/demo/corpus.jsonl", "doc_mask": False, "shuffle": True},
+        "data": {"path": data, "doc_mask": False, "shuffle": True},
         "parallel": {"compile": device == "cuda", "activation_checkpointing": "none"},
         "training": {
             "seq_len": seq,
@@ -55,7 +85,7 @@ def run_config(model: str, seq: int, batch: int, steps: int, device: str, out_di
             "steps": steps,
             "seed": 0,
             "device": device,
-            "fp8": fp8,
+            **overrides,
         },
         "optim": {"lr": 3e-4, "warmup_steps": min(20, steps // 4), "scheduler": "cosine"},
         "checkpoint": {"export_hf": False, "keep": 1},
@@ -112,20 +142,44 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="sequences per step")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20, help="steps left out of the comparison")
+    ap.add_argument("--corpus", default="fresh", choices=["fresh", "demo"], help="see the module docstring")
+    ap.add_argument("--no-control", action="store_true", help="skip the bf16 rounding control run")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke run, fp8 off")
     ap.add_argument("--out", default=None, help="JSON file for the curves and the summary")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="fp8_numerics_")
+    if args.corpus == "fresh":
+        data = fresh_corpus(os.path.join(work, "corpus.jsonl"), args.steps * args.batch * args.seq)
+    else:
+        data = "configs/demo/corpus.jsonl"
+    variants = {
+        "bf16": {},
+        "fp8": {"fp8": args.device == "cuda"},  # CPU: a second bf16 run (smoke test of the bench)
+        "control": {"loss_impl": "fused"},
+    }
+    if args.no_control:
+        del variants["control"]
     curves = {}
-    variants = [("bf16", False), ("fp8", args.device == "cuda")]  # CPU: two identical runs (a smoke test)
-    for name, fp8 in variants:
+    for name, overrides in variants.items():
         cfg = run_config(
-            args.model, args.seq, args.batch, args.steps, args.device, os.path.join(work, name), fp8
+            args.model,
+            args.seq,
+            args.batch,
+            args.steps,
+            args.device,
+            os.path.join(work, name),
+            data,
+            overrides,
         )
         curves[name] = train(cfg, work, name)
     shutil.rmtree(work, ignore_errors=True)
     loss = {k: [r["loss"] for r in rows] for k, rows in curves.items()}
-    summary = compare(loss["bf16"], loss["fp8"], args.warmup)
+    summary = {}
+    for name in loss:
+        if name != "bf16":
+            summary.update(
+                {f"{name}_{k}": v for k, v in compare(loss["bf16"], loss[name], args.warmup).items()}
+            )
     for name, rows in curves.items():
         tps = sorted(r["tokens_per_s"] for r in rows[args.warmup :] if r.get("tokens_per_s"))
         summary[f"{name}_tokens_per_s_median"] = tps[len(tps) // 2] if tps else None
@@ -136,11 +190,14 @@ def main() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "summary": summary, "loss": loss}, f, indent=1)
-    print("step | bf16 loss | fp8 loss | rel diff")
+    others = [n for n in loss if n != "bf16"]
+    print("step | bf16 loss | " + " | ".join(f"{n} loss | {n} rel diff" for n in others))
+    steps = min(len(v) for v in loss.values())
     for i in [0, args.warmup, *range(args.warmup + 20, args.steps, 20), args.steps - 1]:
-        if 0 <= i < min(len(loss["bf16"]), len(loss["fp8"])):
-            b, f = loss["bf16"][i], loss["fp8"][i]
-            print(f"{i + 1:4d} | {b:9.4f} | {f:8.4f} | {abs(f - b) / b:.2%}")
+        if 0 <= i < steps:
+            b = loss["bf16"][i]
+            cells = " | ".join(f"{loss[n][i]:9.4f} | {abs(loss[n][i] - b) / b:7.2%}" for n in others)
+            print(f"{i + 1:4d} | {b:9.4f} | {cells}")
     for key, value in summary.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
 
