@@ -145,7 +145,8 @@ class CausalLMStage(nn.Module):
         if per_token:
             return chunked_token_scores(h, self.lm_head, labels, self.loss_chunk)
         # Shape [1], not a scalar: the pipeline schedule concatenates stage outputs across micro-batches.
-        return (self._loss_sum(h, labels) * self.loss_scale).reshape(1)
+        # A new tensor, not a reshape view: FSDP2 warns about (and cannot hook in-place ops on) view outputs.
+        return torch.stack([self._loss_sum(h, labels) * self.loss_scale])
 
     def _loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.loss_impl == "fused":
