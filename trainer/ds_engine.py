@@ -128,7 +128,7 @@ def _build_optimizer(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.
             weight_decay=o.weight_decay,
             adamw_mode=True,
         )
-    return build_optimizer(params, o)
+    return build_optimizer(params, o, allow_fused=False)
 
 
 class DeepSpeedEngine:
