@@ -105,7 +105,9 @@ def test_torchao_import_noise_filter(monkeypatch):
         return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, args, None)
 
     so = "Failed to load /venv/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load this library"
-    enum_msg = "%s is an Enum subclass and is now natively supported by torch.compile as an opaque value type."
+    enum_msg = (
+        "%s is an Enum subclass and is now natively supported by torch.compile as an opaque value type."
+    )
     torchao_enum = enum.Enum("KernelPreference", "AUTO")
     torchao_enum.__module__ = "torchao.quantization.quantize_.common"
     own_enum = enum.Enum("Mode", "A")
@@ -311,3 +313,16 @@ def test_fp8_all_gather_weights_checkpoint_and_export(tmp_path):
     assert fp8.keys() == plain.keys() and any("q_proj" in k for k in fp8)
     for key, value in plain.items():
         assert type(fp8[key]) is torch.Tensor and torch.equal(fp8[key], value), key
+
+
+@needs_torchao
+def test_fp8_engine_one_rank_all_gather_and_grads():
+    """FSDP2 on one gloo rank, bf16 compute: FP8 all-gather (the weight shard cast to FP8 with the scales
+    of the optimizer's post-step hook), the local cast and rowwise each stay within FP8 rounding of the same
+    run without FP8 in every step's loss and the first step's gradients (tests/fp8_engines.py)."""
+    from tests import fp8_engines
+
+    res = run_distributed(fp8_engines.train_cases, 1, "cpu", "bfloat16", fp8_engines.cases(True), timeout=600)
+    print("largest gradient difference from no-fp8:", fp8_engines.grad_errors(res[0]))
+    bad = fp8_engines.check(res[0], loss_tol=2e-3, grad_tol=0.25)
+    assert not bad, bad
