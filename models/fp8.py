@@ -21,20 +21,12 @@ INSTALL_HINT = "needs torchao (pip install -e .[fp8])"
 
 
 def torchao_missing() -> str | None:
-    """Why torchao's float8 training cannot be imported here, or None when it can."""
-    import logging
-
-    # On a machine without CUDA torchao warns that its CUDA extensions did not load; the float8
-    # training path needs none of them, so that first import stays quiet.
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Why torchao's float8 training cannot be imported here, or None when it can. (Its import-time
+    noise on a CPU build of torch is dropped by models/torchao_import_logs.py, installed with `models`.)"""
     try:
         import torchao.float8  # noqa: F401
     except ImportError as exc:
         return f"{INSTALL_HINT}: {' '.join(str(exc).split())}"
-    finally:
-        logger.setLevel(level)
     return None
 
 

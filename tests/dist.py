@@ -23,7 +23,8 @@ def _context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", "transformers"])
+        # `models` first: it installs the filter for torchao's import noise before transformers imports it.
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "models", "transformers"])
     return _CTX
 
 

@@ -4,9 +4,14 @@
    all-gathers FP8 weights and the scale hook runs), CP over every visible GPU (2 -> ring CP=2; one H200
    -> CP=1: NCCL runs one rank per GPU): both finish, checkpoint, resume and export; the FP8 loss curve
    stays within 2% of bf16 at every step.
-2. The loss implementations on CUDA in bf16: fused (eager and compiled) and liger (when installed) give
+2. The trainer's FSDP2 engine in bf16 on every visible GPU (at most 2, NCCL; `torchrun -m
+   tests.test_gpu_fp8`): FP8 with FP8 all-gather, with the local cast, and rowwise against the same run
+   without FP8 - every step's loss and the first step's gradients of every parameter, on cuBLAS' FP8 GEMMs
+   (tests/fp8_engines.py; tests/test_fp8.py runs the same checks on one gloo rank). On one GPU FSDP2 skips
+   the collective but still casts the weight shards to FP8 and builds the FP8 weights from them.
+3. The loss implementations on CUDA in bf16: fused (eager and compiled) and liger (when installed) give
    the chunked loss' value and gradients.
-Skipped without CUDA, without torchao, or below compute capability 9.0.
+Skipped without CUDA, without torchao, or below compute capability 9.0 (the loss test needs CUDA only).
 """
 
 from __future__ import annotations
@@ -64,6 +69,37 @@ def test_fp8_train_py_matches_bf16_and_resumes(tmp_path):
     assert len(more) > steps
 
 
+@hopper
+@needs_torchao
+def test_fp8_engine_matches_bf16_losses_and_grads():
+    gpus = min(2, torch.cuda.device_count())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus)]
+    cmd += ["-m", "tests.test_gpu_fp8"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    print(res.stdout[-6000:], res.stderr[-6000:])
+    assert res.returncode == 0 and "ALL OK" in res.stdout, "FP8 engine check failed (output above)"
+
+
+def _engine_worker() -> int:
+    import torch.distributed as dist
+
+    from tests import fp8_engines
+
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    res = fp8_engines.train_cases(rank, world, "cuda", "bfloat16", fp8_engines.cases(all_gather=True))
+    dist.destroy_process_group()
+    if rank:
+        return 0
+    for name, got in res.items():
+        print(f"{name:15s} losses", " ".join(f"{x:.5f}" for x in got["losses"]))
+    print(f"{world} GPU(s); largest gradient difference from no-fp8:", fp8_engines.grad_errors(res))
+    bad = fp8_engines.check(res, loss_tol=2e-3, grad_tol=0.25)
+    print("\n".join(bad) or "ALL OK")
+    return 1 if bad else 0
+
+
 def _loss_case(dtype=torch.bfloat16, seed=0, tokens=8192, d=512, v=32000):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     hidden = (torch.randn(1, tokens, d, device="cuda", generator=gen) * 0.5).to(dtype).requires_grad_()
@@ -96,3 +132,7 @@ def test_loss_impls_match_chunked_on_cuda():
         errs = [((g - r).norm() / r.norm()).item() for g, r in zip(got, ref)]
         print(name, [f"{e:.1e}" for e in errs])
         assert errs[0] < 1e-3 and errs[1] < 2e-2 and errs[2] < 2e-2, (name, errs)
+
+
+if __name__ == "__main__":
+    sys.exit(_engine_worker())
