@@ -3,7 +3,9 @@
 peft injects its `LoraLayer` wrappers into the decoder layers in place (`q_proj` becomes a module holding
 `base_layer`, `lora_A.default`, `lora_B.default`), so the model `CausalLMStage` slices afterwards already
 carries the adapters and every parallelism applied to the stage (CP attention, checkpointing, compile, FSDP2)
-sees them as ordinary submodules. This module also translates between the live parameter names and the two
+sees them as ordinary submodules. The trainer injects them into the meta-device model (`inject_lora`) and
+fills the values later, shard by shard (`fresh_adapter` gives peft's initial A and B of one layer). This
+module also translates between the live parameter names and the two
 formats a run writes: a PEFT adapter directory and merged HF weights.
 
 Single-device code: no process groups here (trainer/lora_kind.py gathers sharded tensors).
