@@ -340,6 +340,21 @@ def test_lora_config_errors(dirs, tmp_path):
     key, why = error(f"lora.adapter={tmp_path}/other")
     assert key == "lora.adapter" and "another base model" in why
 
+    # an adapter file lacking tensors its config promises: refused before any weight is read
+    from safetensors.torch import load_file, save_file
+
+    from trainer.model_build import build_stage
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "adapter_config.json").write_text(open(f"{dirs['adapter']}/adapter_config.json").read())
+    tensors = load_file(f"{dirs['adapter']}/adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "v_proj" not in k}, partial / "adapter_model.safetensors")
+    cfg = _cfg(dirs, f"lora.adapter={partial}")
+    options = LoraTraining.from_config(cfg, hf_config).stage_options()
+    with pytest.raises(ValueError, match=r"the adapter .*partial has no tensor for .*v_proj\.lora_A"):
+        build_stage(cfg, hf_config, lambda s: None, 0, 1, torch.device("cpu"), **options)
+
     # the command line: one line, exit code 2, no traceback (the dry run checks LoRA against the model)
     proc = subprocess.run(
         [

@@ -54,9 +54,9 @@ class LoraFill:
                 offsets, local = local_block(param)
                 self.adapter.read(lora.to_peft_key(f"{name}.{pname}"), offsets, local)
             return
-        full = lora.fresh_adapter(
-            self.hf_model.get_submodule(layer), self.init_lora_weights, init_seed(self.seed, layer)
-        )[kind]
+        # Seeded by A's own name: the base weight's seed (its layer's name) would draw A from the same stream.
+        seed = init_seed(self.seed, f"{layer}.lora_A.{lora.ADAPTER}")
+        full = lora.fresh_adapter(self.hf_model.get_submodule(layer), self.init_lora_weights, seed)[kind]
         for param in params.values():  # the Linear's one weight
             offsets, local = local_block(param)
             local.copy_(full[tuple(slice(o, o + s) for o, s in zip(offsets, local.shape))])
