@@ -3,7 +3,9 @@
 peft injects its `LoraLayer` wrappers into the decoder layers in place (`q_proj` becomes a module holding
 `base_layer`, `lora_A.default`, `lora_B.default`), so the model `CausalLMStage` slices afterwards already
 carries the adapters and every parallelism applied to the stage (CP attention, checkpointing, compile, FSDP2)
-sees them as ordinary submodules. This module also translates between the live parameter names and the two
+sees them as ordinary submodules. The trainer injects them into the meta-device model (`inject_lora`) and
+fills the values later, shard by shard (`fresh_adapter` gives peft's initial A and B of one layer). This
+module also translates between the live parameter names and the two
 formats a run writes: a PEFT adapter directory and merged HF weights.
 
 Single-device code: no process groups here (trainer/lora_kind.py gathers sharded tensors).
@@ -11,6 +13,7 @@ Single-device code: no process groups here (trainer/lora_kind.py gathers sharded
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -147,15 +150,28 @@ def peft_config(spec: LoraSpec, base_model: str | None = None):
 
 
 def apply_lora(hf_model: nn.Module, spec: LoraSpec) -> nn.Module:
-    """Inject the adapter into `hf_model` in place (loading `spec.adapter` when set) and return the same HF
-    model: base weights frozen in their dtype, adapter weights trainable in float32."""
+    """Inject the adapter into a materialised `hf_model` in place (loading `spec.adapter` when set) and
+    return the same HF model: base weights frozen in their dtype, adapter weights trainable in float32."""
     import peft
 
     if spec.adapter:
         wrapped = peft.PeftModel.from_pretrained(hf_model, spec.adapter, is_trainable=True)
     else:
         wrapped = peft.get_peft_model(hf_model, peft_config(spec))
-    model = wrapped.base_model.model  # the HF model itself, now holding the LoRA layers
+    return _freeze_base(wrapped.base_model.model)  # the HF model itself, now holding the LoRA layers
+
+
+def inject_lora(hf_model: nn.Module, spec: LoraSpec) -> nn.Module:
+    """`apply_lora` for a meta-device `hf_model`: the adapter layers are created on the meta device too
+    (peft's `low_cpu_mem_usage`) and hold no values - not even `spec.adapter`'s; whoever materialises the
+    model fills them (`fresh_adapter` gives peft's initial values)."""
+    import peft
+
+    wrapped = peft.get_peft_model(hf_model, peft_config(spec), low_cpu_mem_usage=True)
+    return _freeze_base(wrapped.base_model.model)
+
+
+def _freeze_base(model: nn.Module) -> nn.Module:
     for name, param in model.named_parameters():
         if is_adapter_param(name):
             param.data = param.data.float()  # fp32 masters; FSDP casts to model.dtype for compute
@@ -163,6 +179,39 @@ def apply_lora(hf_model: nn.Module, spec: LoraSpec) -> nn.Module:
         else:
             param.requires_grad_(False)
     return model
+
+
+def fresh_adapter(layer: nn.Module, init_lora_weights: bool | str, seed: int) -> dict[str, torch.Tensor]:
+    """peft's initial values of one LoRA layer's adapter (A random, B zero for the default init), full size,
+    float32 on the CPU, drawn under `seed`: the same on every rank and device, whatever shards `layer`.
+
+    peft's own `reset_lora_parameters` runs on a shallow twin of `layer` whose A and B are fresh tensors,
+    so the live (meta or sharded) parameters are never touched."""
+    twin = copy.copy(layer)
+    twin._modules = dict(layer._modules)  # the twin's A and B must not replace the live layer's
+    for kind in ("lora_A", "lora_B"):
+        live = getattr(layer, kind)[ADAPTER]
+        fresh = nn.Linear(live.in_features, live.out_features, bias=False, device="meta")
+        fresh.weight = nn.Parameter(torch.empty(live.out_features, live.in_features), requires_grad=False)
+        setattr(twin, kind, nn.ModuleDict({ADAPTER: fresh}))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        twin.reset_lora_parameters(ADAPTER, init_lora_weights)
+    return {kind: getattr(twin, kind)[ADAPTER].weight.data for kind in ("lora_A", "lora_B")}
+
+
+def adapter_owner(module_name: str) -> tuple[str, str] | None:
+    """'...q_proj.lora_A.default' -> ('...q_proj', 'lora_A'); None for a module that is not an adapter weight."""
+    for kind in ("lora_A", "lora_B"):
+        suffix = f".{kind}.{ADAPTER}"
+        if module_name.endswith(suffix):
+            return module_name[: -len(suffix)], kind
+    return None
+
+
+def base_module_name(module_name: str) -> str:
+    """Live name of a module of the base -> its HF name ('...q_proj.base_layer' -> '...q_proj')."""
+    return base_name(module_name + ".")[:-1]
 
 
 def is_adapter_param(name: str) -> bool:

@@ -11,6 +11,7 @@ every layout gets the same weights). No collective is needed: every rank reads o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
@@ -77,31 +78,26 @@ class RandomInit:
 
 
 class CheckpointFill:
-    """Blocks read from an HF safetensors checkpoint; parameters it lacks go to `fallback` (e.g. new adapter
-    weights), else `check` reports them all before anything is read."""
+    """Blocks read from an HF safetensors checkpoint; `check` reports every parameter it lacks before
+    anything is read."""
 
-    def __init__(self, ckpt: SafetensorsCheckpoint, tied: bool, fallback: WeightSource | None = None):
-        self.ckpt, self.tied, self.fallback = ckpt, tied, fallback
+    def __init__(self, ckpt: SafetensorsCheckpoint, tied: bool):
+        self.ckpt, self.tied = ckpt, tied
 
     def key_of(self, fqn: str) -> str | None:
         return next((k for k in checkpoint_key_candidates(fqn, self.tied) if k in self.ckpt), None)
 
     def check(self, stage: nn.Module) -> None:
         """Every rank, before reading: each parameter has a checkpoint tensor (or a fallback)."""
-        if self.fallback is not None:
-            return
-        missing = [clean_fqn(n) for n, _ in stage.named_parameters() if self.key_of(n) is None]
-        if missing:
-            more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-            raise ValueError(f"the checkpoint has no tensor for {', '.join(missing[:4])}{more}")
+        report_missing(self.missing(n for n, _ in stage.named_parameters()))
+
+    def missing(self, names: Iterable[str]) -> list[str]:
+        """The parameter names among `names` that no checkpoint tensor holds."""
+        return [clean_fqn(n) for n in names if self.key_of(n) is None]
 
     def fill(self, module_fqn: str, module: nn.Module, params: dict[str, torch.Tensor]) -> None:
-        rest = {}
         for name, param in params.items():
             key = self.key_of(f"{module_fqn}.{name}" if module_fqn else name)
-            if key is None:
-                rest[name] = param
-                continue
             saved = self.ckpt.entries[key].shape
             if tuple(saved) != tuple(param.shape):
                 raise ValueError(
@@ -109,8 +105,13 @@ class CheckpointFill:
                 )
             offsets, local = local_block(param)
             self.ckpt.read(key, offsets, local)
-        if rest:
-            self.fallback.fill(module_fqn, module, rest)
+
+
+def report_missing(missing: list[str], what: str = "the checkpoint") -> None:
+    """One line naming the first few parameters `what` lacks (raises ValueError), if any."""
+    if missing:
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        raise ValueError(f"{what} has no tensor for {', '.join(missing[:4])}{more}")
 
 
 def fill_stage(stage: nn.Module, source: WeightSource) -> None:

@@ -4,10 +4,13 @@
   rotary frequencies (llama3 RoPE scaling) equal the HF model's, a bare-decoder checkpoint (no `model.`
   prefix) loads, a checkpoint without a layer's tensor is refused with one line.
 * `model.config`: the random init is the same at 1, 2 and 4 ranks, for every layout (and DeepSpeed
-  ZeRO-3), and changes with training.seed.
+  ZeRO-3), and changes with training.seed. LoRA (lora.r > 0) with a new adapter too: its base equals the
+  full fine-tuning init under the HF names, A is peft's init and B zero, identically at 1, 2 and 4 ranks.
 * Memory: each of 4 ranks' peak resident memory while loading a 155M-parameter bf16 model, minus the same
-  for a tiny model, stays within (fp32 model bytes / world) + largest fp32 tensor + 128 MiB; the streamed
-  bf16 export raises no rank's resident memory by more than 3x the largest tensor + 64 MiB (< the model).
+  for a tiny model, stays within (fp32 model bytes / world) + largest fp32 tensor + 128 MiB, for full
+  fine-tuning and for LoRA (its frozen base in model.dtype, float32 here: the whole-model build it replaced
+  would exceed the bound); the streamed bf16 export raises no rank's resident memory by more than 3x the
+  largest tensor + 64 MiB (< the model).
 * The 70B / 32B configs pass --dry-run and --plan at 16 GPUs (load check included); bench.load runs.
 """
 
@@ -62,12 +65,14 @@ BIG = dict(
 )
 TINY = dict(SMALL, num_hidden_layers=1, hidden_size=32, intermediate_size=32, num_attention_heads=4)
 
+LORA = ["lora.r=4", "lora.alpha=8"]  # a new adapter on every projection (names starting "lora-" below)
 RANDOM_LAYOUTS = {
-    2: [("dp2", []), ("tp2", ["parallel.tp=2"])],
+    2: [("dp2", []), ("tp2", ["parallel.tp=2"]), ("lora-dp2", LORA), ("lora-cp2", [*LORA, "parallel.cp=2"])],
     4: [
         ("tp2-dp2", ["parallel.tp=2", "parallel.dp=2"]),
         ("pp2-cp2", ["parallel.pp=2", "parallel.cp=2", "training.grad_accum=2"]),
         ("hsdp2x2", ["parallel.dp=4", "parallel.dp_replicate=2"]),
+        ("lora-pp2-cp2", [*LORA, "parallel.pp=2", "parallel.cp=2", "training.grad_accum=2"]),
     ],
 }
 LOAD_LAYOUTS = [
@@ -133,14 +138,18 @@ def _merge(per_rank: list[dict]) -> dict:
     return merged
 
 
-def _reference_random(seed: int = 0) -> dict[str, torch.Tensor]:
-    """One process, no process group, no parallelism: the same build and init the trainer uses."""
+def _reference_random(seed: int = 0, extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """One process, no process group, no parallelism: the same build and init the trainer uses (`extra`
+    overrides: the training kind's build, e.g. LoRA)."""
     from models.registry import load_hf_config
     from trainer.config import load_config
     from trainer.model_build import build_stage
+    from trainer.training_kind import training_kind
 
-    cfg = load_config(None, ["model.config=" + str(SMALL), f"training.seed={seed}"])
-    stage, _ = build_stage(cfg, load_hf_config(None, SMALL), lambda s: None, 0, 1, torch.device("cpu"))
+    cfg = load_config(None, ["model.config=" + str(SMALL), f"training.seed={seed}", *extra])
+    hf_config = load_hf_config(None, SMALL)
+    options = training_kind(cfg, hf_config).stage_options()
+    stage, _ = build_stage(cfg, hf_config, lambda s: None, 0, 1, torch.device("cpu"), **options)
     weights = {n: p.detach().clone() for n, p in stage.named_parameters()}
     weights.update({f"buffer:{n}": b.clone() for n, b in stage.named_buffers()})
     return weights
@@ -152,8 +161,32 @@ def _assert_same(got: dict, ref: dict, what: str) -> None:
         assert torch.equal(got[name], value), f"{what}: {name} differs"
 
 
+def _references() -> tuple[dict, dict]:
+    """World 1: full fine-tuning's random init, and LoRA's (checked here against it and against peft's
+    init rule, so the layouts need only equal it)."""
+    full, lora = _reference_random(), _reference_random(extra=tuple(LORA))
+    adapters = {n: v for n, v in lora.items() if ".lora_" in n}
+    assert len(adapters) == 2 * 7 * SMALL["num_hidden_layers"]
+    _assert_same(
+        {n.replace(".base_layer.", "."): v for n, v in lora.items() if n not in adapters}, full, "base"
+    )
+    for name, value in adapters.items():
+        if ".lora_B." in name:
+            assert not value.any(), name  # peft starts B at zero: the adapted model is the base
+        else:  # kaiming_uniform(a=sqrt(5)) on [r, in]: uniform in +-1/sqrt(in)
+            bound = 1 / value.shape[1] ** 0.5
+            assert value.dtype == torch.float32 and 0 < value.abs().max() <= bound, name
+    return full, lora
+
+
+def _assert_layouts(results: dict, refs: tuple[dict, dict], what: str) -> None:
+    for layout, weights in results.items():
+        _assert_same(weights, refs[layout.startswith("lora-")], f"{what}, {layout}")
+
+
 def test_random_init_same_weights_at_1_and_2_ranks(tmp_path):
-    ref = _reference_random()
+    refs = _references()
+    ref = refs[0]
     other_seed = _reference_random(seed=1)
     assert not torch.equal(
         ref["model.layers.0.mlp.up_proj.weight"], other_seed["model.layers.0.mlp.up_proj.weight"]
@@ -163,8 +196,7 @@ def test_random_init_same_weights_at_1_and_2_ranks(tmp_path):
     assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
     assert torch.equal(ref["model.norm.weight"], torch.ones(64))
     results = _merge(run_distributed(_random_layouts, 2, RANDOM_LAYOUTS[2], str(tmp_path)))
-    for layout, weights in results.items():
-        _assert_same(weights, ref, f"random init, 2 ranks, {layout}")
+    _assert_layouts(results, refs, "random init, 2 ranks")
 
 
 def _write_models(root) -> dict[str, str]:
@@ -204,8 +236,8 @@ def _four_ranks(rank, world, dirs, tmp):
 
     out = {"memory": {}}
     # Memory first, before other models' allocations linger in the heap.
-    for name in ("tiny", "big"):
-        t = Trainer(_cfg(f"{tmp}/mem-{name}", dirs[name], ["parallel.dp=4"]))
+    for name, model, extra in (("tiny", "tiny", []), ("big", "big", []), ("lora", "big", LORA)):
+        t = Trainer(_cfg(f"{tmp}/mem-{name}", dirs[model], ["parallel.dp=4", *extra]))
         out["memory"][name] = t.stage_loader.stats["load_peak_host_gib"] * 2**30
         if name == "big":  # the streamed export's transient memory above what the rank already holds
             _reset_host_peak()
@@ -258,13 +290,12 @@ def test_load_from_safetensors_equals_from_pretrained(four):
 
 def test_random_init_same_weights_at_4_ranks(four):
     per_rank, _ = four
-    ref = _reference_random()
     skip = ("memory", "broken")
     merged = _merge(
         [{k: v for k, v in r.items() if k not in skip and not k.startswith("load:")} for r in per_rank]
     )
-    for layout in [n for n, _ in RANDOM_LAYOUTS[4]] + (["ds-z3"] if HAS_DS else []):
-        _assert_same(merged[layout], ref, f"random init, 4 ranks, {layout}")
+    layouts = [n for n, _ in RANDOM_LAYOUTS[4]] + (["ds-z3"] if HAS_DS else [])
+    _assert_layouts({n: merged[n] for n in layouts}, _references(), "random init, 4 ranks")
 
 
 def test_load_memory_bound_per_rank(four):
@@ -280,12 +311,16 @@ def test_load_memory_bound_per_rank(four):
     bound = fp32_bytes / 4 + largest + 128 * 2**20
     assert bound < fp32_bytes  # a whole fp32 model on a rank would fail this test
     for rank, result in enumerate(per_rank):
-        extra = result["memory"]["big"] - result["memory"]["tiny"]
-        print(
-            f"rank {rank}: load peak {result['memory']['big'] / 2**30:.2f} GiB, {extra / 2**30:.2f} GiB above the "
-            f"tiny model; bound {bound / 2**30:.2f} GiB (model {fp32_bytes / 2**30:.2f} GiB fp32)"
-        )
-        assert extra <= bound, f"rank {rank}: {extra / 2**30:.2f} GiB > {bound / 2**30:.2f} GiB"
+        for kind in (
+            "big",
+            "lora",
+        ):  # full fine-tuning; LoRA (base frozen in float32, r=4 on every projection)
+            extra = result["memory"][kind] - result["memory"]["tiny"]
+            print(
+                f"rank {rank} {kind}: load peak {result['memory'][kind] / 2**30:.2f} GiB, {extra / 2**30:.2f} GiB "
+                f"above the tiny model; bound {bound / 2**30:.2f} GiB (model {fp32_bytes / 2**30:.2f} GiB fp32)"
+            )
+            assert extra <= bound, f"rank {rank} {kind}: {extra / 2**30:.2f} GiB > {bound / 2**30:.2f} GiB"
     # Export in bf16: one tensor in flight - the gathered tensor, the collective's staging copy, and the
     # allocator's hold on the previous one of the same size (embedding, then LM head) - never the whole
     # model (296 MiB here; measured 158-171 MiB per rank).

@@ -4,7 +4,9 @@ A tiny GQA Llama is saved with `save_pretrained`; a PEFT adapter with non-zero A
 to zero, which would hide any error in B's gradient path) is made with peft itself and saved. Every layout
 starts from it (`lora.adapter`): step 1's loss and the global grad norm of the adapter weights must equal
 the unsharded peft model's in float64, all 3 losses a single-process fp32 AdamW loop. One 4-rank group also
-checks resume, what a checkpoint holds, both exports and a bf16 base under FSDP2.
+checks resume, what a checkpoint holds, both exports and a bf16 base under FSDP2; two of its layouts run
+the ring with compile and every memory switch (ac_group, activation_offload, mlp_chunks, full_keep_attn).
+Every run builds through the trainer's meta-device path (tests/test_loading.py bounds its memory).
 """
 
 from __future__ import annotations
@@ -58,6 +60,30 @@ LAYOUTS = [
         ["parallel.dp=2", "parallel.cp=2", "parallel.activation_checkpointing=full", "parallel.mlp_chunks=2"],
     ),
     ("pp2-cp2", ["parallel.pp=2", "parallel.cp=2", "training.grad_accum=2"]),
+    # Every memory switch and compile on the ring (ac_group needs plain full checkpointing, hence two).
+    (
+        "dp2-cp2-ring-compile-ac-group-offload",
+        [
+            "parallel.dp=2",
+            "parallel.cp=2",
+            "parallel.compile=true",
+            "parallel.activation_checkpointing=full",
+            "parallel.ac_group=2",
+            "parallel.activation_offload=true",
+            "parallel.mlp_chunks=2",
+        ],
+    ),
+    (
+        "dp2-cp2-ring-compile-keep-attn-offload",
+        [
+            "parallel.dp=2",
+            "parallel.cp=2",
+            "parallel.compile=true",
+            "parallel.activation_checkpointing=full_keep_attn",
+            "parallel.activation_offload=true",
+            "parallel.mlp_chunks=2",
+        ],
+    ),
 ]
 
 
@@ -314,6 +340,21 @@ def test_lora_config_errors(dirs, tmp_path):
     key, why = error(f"lora.adapter={tmp_path}/other")
     assert key == "lora.adapter" and "another base model" in why
 
+    # an adapter file lacking tensors its config promises: refused before any weight is read
+    from safetensors.torch import load_file, save_file
+
+    from trainer.model_build import build_stage
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "adapter_config.json").write_text(open(f"{dirs['adapter']}/adapter_config.json").read())
+    tensors = load_file(f"{dirs['adapter']}/adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "v_proj" not in k}, partial / "adapter_model.safetensors")
+    cfg = _cfg(dirs, f"lora.adapter={partial}")
+    options = LoraTraining.from_config(cfg, hf_config).stage_options()
+    with pytest.raises(ValueError, match=r"the adapter .*partial has no tensor for .*v_proj\.lora_A"):
+        build_stage(cfg, hf_config, lambda s: None, 0, 1, torch.device("cpu"), **options)
+
     # the command line: one line, exit code 2, no traceback (the dry run checks LoRA against the model)
     proc = subprocess.run(
         [
@@ -336,20 +377,39 @@ def test_lora_config_errors(dirs, tmp_path):
 
 
 def test_lora_build_freezes_base_in_model_dtype(dirs):
+    """The trainer's build (meta device, then filled): base frozen in model.dtype, fp32 adapters, a new
+    adapter initialised as peft does (A uniform in +-1/sqrt(in), B zero)."""
+    from transformers import AutoConfig
+
     from trainer.lora_kind import LoraTraining
+    from trainer.model_build import build_stage
 
     cfg = _cfg(
         dirs, "lora.r=2", "lora.alpha=4", "lora.target_modules=[q_proj,down_proj]", "model.dtype=bfloat16"
     )
-    from transformers import AutoConfig
-
-    kind = LoraTraining.from_config(cfg, AutoConfig.from_pretrained(dirs["base"]))
-    model = kind.build_hf(cfg.model, seed=0)
+    hf_config = AutoConfig.from_pretrained(dirs["base"])
+    kind = LoraTraining.from_config(cfg, hf_config)
+    model, _ = build_stage(cfg, hf_config, lambda s: None, 0, 1, torch.device("cpu"), **kind.stage_options())
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert len(trained) == 2 * 2 * MODEL["num_hidden_layers"]
     assert all(".lora_" in n and p.dtype == torch.float32 for n, p in trained.items())
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    for name, p in trained.items():
+        if ".lora_B." in name:
+            assert not p.any(), name
+        else:
+            bound = 1 / math.sqrt(p.shape[1])  # kaiming_uniform(a=sqrt(5)) of an [r, in] weight
+            assert 0 < p.abs().max() <= bound and p.std() > bound / 3, name
+    a = [p for n, p in trained.items() if ".lora_A." in n]
+    assert not torch.equal(a[0][:, :32], a[1][:, :32]), "every layer must draw its own A"
+    # the base is model.path's weights, read under their HF names
+    from transformers import AutoModelForCausalLM
+
+    ref = dict(AutoModelForCausalLM.from_pretrained(dirs["base"], dtype=torch.bfloat16).named_parameters())
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, ref[name.replace(".base_layer.", ".")]), name
     # the planner-facing FLOPs: fewer than full fine-tuning (no base weight gradients)
     from trainer.metrics import flops_per_token
 

@@ -24,6 +24,7 @@ from models.registry import DTYPES, build_hf_model
 from parallel.dims import ConfigError
 from trainer.checkpoint import _agreed, _all_gather, _barrier, _rank
 from trainer.hf_export import export_hf
+from trainer.lora_build import lora_stage_options
 from trainer.metrics import flops_per_token
 
 log = logging.getLogger("longctx")
@@ -152,8 +153,11 @@ class LoraTraining:
         )
         return cls(spec, DTYPES[cfg.model.dtype], cfg.model.path)
 
-    def build_hf(self, model_cfg: Any, seed: int) -> nn.Module:
+    def stage_options(self) -> dict[str, Any]:
         # The frozen base needs no fp32 master: it is built in the compute dtype directly.
+        return lora_stage_options(self.spec, self.model_dtype)
+
+    def build_hf(self, model_cfg: Any, seed: int) -> nn.Module:
         hf = build_hf_model(model_cfg.path, model_cfg.config, dtype=self.model_dtype, seed=seed)
         torch.manual_seed(seed)  # the adapter's A init is random: identical on every rank
         return lora.apply_lora(hf, self.spec)

@@ -1,9 +1,10 @@
 """Build this rank's model stage without ever holding the whole model: meta build -> stage -> parallelize ->
 materialise own shards -> fill them (HF safetensors or seeded random init). Measures the load.
 
-Seam for model converters (LoRA adapters, ...): `wrap_hf` gets the meta-device HF model before the stage
-is cut from it and returns the model to train; `fill_missing` initialises parameters the checkpoint does
-not have (new adapter weights) instead of reporting them as missing.
+Seam for model converters (LoRA adapters, ...; a training kind supplies them, trainer/training_kind.py):
+`wrap_hf` gets the meta-device HF model before the stage is cut from it and returns the model to train
+(still on the meta device); `wrap_source` gets the weight source of the base model and returns the one
+that fills the converted stage (e.g. adapter weights from their own file, base weights under HF names).
 """
 
 from __future__ import annotations
@@ -80,13 +81,12 @@ def weight_source(
     hf_config: Any,
     seed: int,
     device: torch.device,
-    fill_missing: WeightSource | None = None,
 ) -> WeightSource:
     """Where the weights come from: `model.path`'s safetensors, else the seeded random init."""
     if path is None:
         return RandomInit(hf_model, seed, device)
     ckpt = SafetensorsCheckpoint(resolve_model_dir(path))
-    return CheckpointFill(ckpt, bool(getattr(hf_config, "tie_word_embeddings", False)), fallback=fill_missing)
+    return CheckpointFill(ckpt, bool(getattr(hf_config, "tie_word_embeddings", False)))
 
 
 class MetaBuild:
@@ -112,7 +112,7 @@ class StageLoader:
 
     `builder` (default `MetaBuild`; `trainer.ds_load.ZeroInitBuild` for ZeRO-3) creates the HF model and
     fills the parallelised stage. `dtype`: fp32 masters for FSDP2 (its mixed precision casts to model.dtype
-    for compute); model.dtype for DeepSpeed, which keeps its own fp32 masters."""
+    for compute); model.dtype for DeepSpeed, which keeps its own fp32 masters, and for a frozen base (LoRA)."""
 
     def __init__(
         self,
@@ -122,7 +122,7 @@ class StageLoader:
         builder: Any = None,
         dtype: torch.dtype = torch.float32,
         wrap_hf: Callable[[nn.Module], nn.Module] | None = None,
-        fill_missing: WeightSource | None = None,
+        wrap_source: Callable[[WeightSource, nn.Module, int], WeightSource] | None = None,
     ) -> None:
         if builder is None:
             offload = cfg.parallel.fsdp_cpu_offload and cfg.parallel.engine == "fsdp2"
@@ -134,7 +134,7 @@ class StageLoader:
             builder,
             dtype,
         )
-        self.wrap_hf, self.fill_missing = wrap_hf, fill_missing
+        self.wrap_hf, self.wrap_source = wrap_hf, wrap_source
         self.meter = LoadMeter(device)
         self.stats: dict = {}
         self._hf: nn.Module | None = None
@@ -155,9 +155,10 @@ class StageLoader:
 
     def fill(self, stage: nn.Module) -> None:
         cfg = self.cfg
-        source = weight_source(
-            cfg.model.path, self._hf, self.hf_config, cfg.training.seed, self.device, self.fill_missing
-        )
+        seed = cfg.training.seed
+        source = weight_source(cfg.model.path, self._hf, self.hf_config, seed, self.device)
+        if self.wrap_source is not None:  # (base source, the wrapped meta HF model, training.seed)
+            source = self.wrap_source(source, self._hf, seed)
         self.builder.fill(stage, source)
         self._hf = None
         self.meter.__exit__(None, None, None)

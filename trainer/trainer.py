@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.causal_lm import CausalLMStage, split_layers
+from models.causal_lm import CausalLMStage
 from models.registry import DTYPES, family_of
 from parallel.dims import sub_mesh, sub_rank_and_size
 from trainer import distributed
@@ -108,19 +108,18 @@ class Trainer:
     def _build_stage(self) -> CausalLMStage:
         """This rank's pipeline stage of the model, without weights yet: the engine parallelises it, then
         calls `_fill_stage` (trainer/model_build.py: each rank materialises and fills only its shards)."""
-        if self.kind.name != "full":
-            return self._build_stage_whole()
         cfg = self.cfg
         # --eval-only shards the stage as FSDP2 training does, whatever engine trained it.
         builder, dtype = stage_build(cfg, self.mesh, "fsdp2" if self.eval_only else None)
-        self.stage_loader = StageLoader(cfg, self.hf_config, self.device, builder=builder, dtype=dtype)
+        # The training kind may change the build (LoRA: a frozen base in model.dtype, adapters injected).
+        options = {"builder": builder, "dtype": dtype, **self.kind.stage_options()}
+        self.stage_loader = StageLoader(cfg, self.hf_config, self.device, **options)
         with self._model_errors():
             return self.stage_loader.build(sub_mesh(self.mesh, "pp").get_local_rank(), self.dims.pp)
 
     def _fill_stage(self, stage: nn.Module) -> None:
-        if self.stage_loader is not None:  # the whole-model build arrives filled
-            with self._model_errors():
-                self.stage_loader.fill(stage)
+        with self._model_errors():
+            self.stage_loader.fill(stage)
 
     @contextlib.contextmanager
     def _model_errors(self):
@@ -130,27 +129,6 @@ class Trainer:
             cfg = self.cfg
             where = f"model.path {cfg.model.path!r}" if cfg.model.path else "model.config"
             raise ModelLoadError(f"{where}: could not build the model: {one_line(exc)}") from None
-
-    def _build_stage_whole(self) -> CausalLMStage:
-        """The whole-model build, still used by LoRA (its peft model is built from the full HF model)."""
-        self.stage_loader = None
-        cfg = self.cfg
-        # Trained weights are fp32 masters; FSDP's mixed-precision policy casts to model.dtype for compute.
-        try:
-            hf = self.kind.build_hf(cfg.model, cfg.training.seed)
-        except (OSError, ValueError) as exc:
-            where = f"model.path {cfg.model.path!r}" if cfg.model.path else "model.config"
-            raise ModelLoadError(f"{where}: could not build the model: {one_line(exc)}") from None
-        if self.device.type == "cuda":
-            hf = hf.to(self.device)
-        stage_index = sub_mesh(self.mesh, "pp").get_local_rank()
-        first, last = split_layers(self.hf_config.num_hidden_layers, self.dims.pp)[stage_index]
-        stage = CausalLMStage(
-            hf, first, last, loss_chunk=cfg.training.loss_chunk, loss_impl=cfg.training.loss_impl
-        )
-        del hf  # layers of other pipeline stages are freed with it
-        stage.doc_mask = cfg.data.doc_mask
-        return stage
 
     def _engine_context(self) -> EngineContext:
         return EngineContext(

@@ -1,7 +1,8 @@
 """What is trained: every weight (full fine-tuning) or LoRA adapters on a frozen base (lora.r > 0).
 
-A training kind is the small interface the trainer calls at the points where the two differ - how the HF
-model is built, its FLOPs per token, what the run exports - so the loop itself has no LoRA branches. The
+A training kind is the small interface the trainer calls at the points where the two differ - how the
+meta-device build is changed, its FLOPs per token, what the run exports - so the loop itself has no LoRA
+branches. The
 engine's optimizer, grad norm and clipping act on the parameters that require grad, and checkpoints hold
 only those where some are frozen (trainer/checkpoint_state.py).
 """
@@ -21,8 +22,14 @@ from trainer.metrics import flops_per_token
 class TrainingKind(Protocol):
     name: str
 
+    def stage_options(self) -> dict[str, Any]:
+        """Keyword arguments for `trainer.model_build.StageLoader` (its `dtype`, `wrap_hf`, `wrap_source`):
+        how this kind changes the meta-device build of the stage; {} for the plain model."""
+        ...
+
     def build_hf(self, model_cfg: Any, seed: int) -> nn.Module:
-        """The single-device HF model, ready for `CausalLMStage` (raises OSError / ValueError)."""
+        """The whole single-device HF model as this kind trains it, materialised (benchmarks and references
+        build with it; the trainer never does). Raises OSError / ValueError."""
         ...
 
     def flops_per_token(self, hf_config: Any, seq_len: int) -> float:
@@ -38,6 +45,9 @@ class FullTraining:
     """Every weight trains, in fp32 masters (FSDP casts to model.dtype for compute)."""
 
     name = "full"
+
+    def stage_options(self) -> dict[str, Any]:
+        return {}  # the engine's dtype (trainer/engine.py: stage_build), every weight from the source
 
     def build_hf(self, model_cfg: Any, seed: int) -> nn.Module:
         return build_hf_model(model_cfg.path, model_cfg.config, dtype=torch.float32, seed=seed)

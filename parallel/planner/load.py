@@ -1,7 +1,8 @@
 """Predicted memory while the model loads (trainer/model_build.py), per GPU and per node of host RAM.
 
 The stage is built on the meta device and each rank allocates only its fp32 shards (4 bytes per parameter
-of its stage / F, on the host instead of the GPU with FSDP CPU offload), then fills them:
+of its stage / F, on the host instead of the GPU with FSDP CPU offload; with LoRA the frozen base in
+model.dtype plus fp32 adapters), then fills them:
 
     GPU   4 * shard  (0 with fsdp_cpu_offload)  + with random init the largest module's full fp32 tensors
           (the family's init runs on the device, one module at a time: the embedding, V*h)
@@ -18,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 from parallel.planner.enumerate import Layout
+from parallel.planner.lora import adapter_layer_params
 from parallel.planner.memory import GIB, ModelShape, Workload
 
 READ_BLOCK_BYTES = (
@@ -52,10 +54,14 @@ def load_memory(
     random_init: bool,
 ) -> LoadMemory:
     stage_layers = math.ceil(shape.layers / layout.pp)
-    shard = 4 * math.ceil(
-        (stage_layers * shape.layer_params(layout.tp) + shape.root_params(layout.pp))
-        / (layout.dp * layout.cp)
+    base_bytes = work.compute_bytes if work.lora_rank else 4  # LoRA: the frozen base is built in model.dtype
+    fsdp = layout.dp * layout.cp
+    shard = base_bytes * math.ceil(
+        (stage_layers * shape.layer_params(layout.tp) + shape.root_params(layout.pp)) / fsdp
     )
+    if work.lora_rank:  # plus the fp32 adapter shards
+        p_adapter = adapter_layer_params(shape, work.lora_rank, work.lora_targets, layout.tp)
+        shard += 4 * math.ceil(stage_layers * p_adapter / fsdp)
     largest_module = 4 * shape.vocab * shape.hidden if random_init else 0
     gpu = (0 if work.fsdp_cpu_offload else shard) + largest_module
     per_rank_host = runtime_bytes + READ_BLOCK_BYTES + (shard if work.fsdp_cpu_offload else 0)
