@@ -241,5 +241,10 @@ def cli_main(argv: list[str], run_fn: Callable[[Config, CliFlags], Any]) -> Any:
         # torchrun SIGTERMs the ranks still alive once the first exits: this one has reported, so it ends
         # with the same code rather than as "killed by SIGTERM".
         signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(2))
-        wait_for_peer_reports(_env_int("WORLD_SIZE", 1))
+        if wait_for_peer_reports(_env_int("WORLD_SIZE", 1)):
+            from trainer.rank_failures import exit_now
+
+            # Not SystemExit: interpreter shutdown restores the default SIGTERM action, and on a loaded
+            # machine torchrun's SIGTERM (sent once the first rank is gone) lands inside that shutdown.
+            exit_now(2)
         raise SystemExit(2) from None

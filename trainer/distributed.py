@@ -89,13 +89,13 @@ def exit_if_peers_wait(message: str | None = None, code: int = 1) -> None:
         os._exit(code)
 
 
-def wait_for_peer_reports(world_size: int, timeout_s: float = 30.0) -> None:
+def wait_for_peer_reports(world_size: int, timeout_s: float = 30.0) -> bool:
     """Before a rank exits on an error found before the process group exists (CLI parse, dry run): wait
     until every rank has reached the same point, so each prints its own line before torchrun stops the
     slower ones. The ranks meet in torchrun's agent store (it outlives the ranks); without torchrun, or if
-    the store cannot be reached, there is nobody to wait for."""
+    the store cannot be reached, there is nobody to wait for. True when it waited for torchrun peers."""
     if world_size <= 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
-        return
+        return False
     try:
         store = dist.TCPStore(
             os.environ["MASTER_ADDR"],
@@ -109,4 +109,5 @@ def wait_for_peer_reports(world_size: int, timeout_s: float = 30.0) -> None:
         while store.add(key, 0) < world_size and time.monotonic() < deadline:
             time.sleep(0.05)
     except (KeyError, ValueError, RuntimeError, dist.DistError):
-        return
+        return False
+    return True

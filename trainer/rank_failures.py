@@ -56,7 +56,7 @@ def _claim_lowest(store: dist.Store, key: str, rank: int) -> int:
     return int(current)
 
 
-def _exit_now(code: int) -> NoReturn:
+def exit_now(code: int) -> NoReturn:
     # Not sys.exit: interpreter shutdown restores the default SIGTERM action, and torchrun SIGTERMs the
     # ranks still alive when the first one exits, so a slow shutdown would end as "killed by SIGTERM".
     # Nor the process-group tear-down: a peer may be inside a collective that it would wait for.
@@ -76,7 +76,7 @@ def report_failure(line: str, code: int) -> int:
         return code
     # torchrun SIGTERMs the remaining ranks as soon as the first one exits; a rank that already failed
     # must still exit with the agreed code, not as "killed by SIGTERM".
-    signal.signal(signal.SIGTERM, lambda signum, frame: _exit_now(code))
+    signal.signal(signal.SIGTERM, lambda signum, frame: exit_now(code))
     rank, world = dist.get_rank(), dist.get_world_size()
     p = _prefix()
     try:
@@ -95,7 +95,7 @@ def report_failure(line: str, code: int) -> int:
             count = store.add(f"{p}count", 0)
     except (RuntimeError, OSError, ValueError):  # the store is gone (its host exited): over-report
         sys.stderr.write(line + "\n")
-    _exit_now(code)
+    exit_now(code)
 
 
 def exit_if_a_peer_failed() -> None:
@@ -111,4 +111,4 @@ def exit_if_a_peer_failed() -> None:
         code = int(store.get(f"{p}code{int(store.get(f'{p}lowest'))}"))
     except (RuntimeError, OSError, ValueError):
         return
-    _exit_now(code)
+    exit_now(code)
