@@ -18,12 +18,13 @@ def run(cfg, flags) -> int:
     from trainer import distributed, rank_failures
     from trainer.config import ConfigError
     from trainer.errors import USER_ERRORS, one_line
+    from trainer.eval_only import EvalOnlyRun
     from trainer.signals import exit_interrupted
     from trainer.trainer import Trainer
 
     try:
         if flags.eval_only:
-            Trainer(cfg, eval_only=True).evaluate_only()
+            EvalOnlyRun(cfg).run()
         else:
             Trainer(cfg).train()
     except USER_ERRORS as exc:  # bad data, checkpoint, path, non-finite loss: one line on one rank

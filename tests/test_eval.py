@@ -77,16 +77,17 @@ def _overrides(model_dir, out, tmp, extra=()):
 
 def _ranks(rank, world, model_dirs, tmp):
     from trainer.config import ConfigError, load_config
+    from trainer.eval_only import EvalOnlyRun
     from trainer.trainer import Trainer
 
     out = {}
     for name, model, extra in CASES:
         cfg = load_config(None, _overrides(model_dirs[model], f"{tmp}/{name}", tmp, extra))
-        t = Trainer(cfg, eval_only=True)
+        t = EvalOnlyRun(cfg)
         calls = [0]
         for layer in t.model.model.layers.values():
             layer.register_forward_hook(lambda *a, c=calls: c.__setitem__(0, c[0] + 1))
-        rec = t.evaluate_only()
+        rec = t.run()
         out[name] = {"record": rec, "layer_calls": calls[0], "optimizer": hasattr(t, "optimizer")}
 
     # Train dp2 x cp2 with the evaluation after the last step, then score the HF export with --eval-only.
@@ -94,15 +95,14 @@ def _ranks(rank, world, model_dirs, tmp):
     t = Trainer(load_config(None, train + ["eval.every=1", "optim.lr=3e-3"]))
     t.train()
     out["trained_evals"] = [e["eval_loss"] for e in t.evaluations]
-    t = Trainer(
-        load_config(None, _overrides(f"{tmp}/train/hf", f"{tmp}/export_eval", tmp, ["parallel.cp=4"])),
-        eval_only=True,
+    t = EvalOnlyRun(
+        load_config(None, _overrides(f"{tmp}/train/hf", f"{tmp}/export_eval", tmp, ["parallel.cp=4"]))
     )
-    out["export_eval"] = t.evaluate_only()["eval_loss"]
+    out["export_eval"] = t.run()["eval_loss"]
 
     try:  # held-out data shorter than one sequence: a config error naming eval.path
-        Trainer(load_config(None, _overrides(model_dirs["random"], f"{tmp}/short", tmp, [
-            "parallel.cp=4", f"eval.path={tmp}/short.jsonl"])), eval_only=True)  # fmt: skip
+        EvalOnlyRun(load_config(None, _overrides(model_dirs["random"], f"{tmp}/short", tmp, [
+            "parallel.cp=4", f"eval.path={tmp}/short.jsonl"])))  # fmt: skip
         out["short"] = None
     except ConfigError as exc:
         out["short"] = str(exc)
