@@ -19,23 +19,14 @@ import torch
 from torch import nn
 
 from models.fp8 import PROJECTIONS, is_projection, torchao_missing
+from tests import fp8_engines
 from tests.dist import run_distributed
 from trainer.config import ConfigError, build_config
 from trainer.config_checks import validate_device_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_torchao = pytest.mark.skipif(torchao_missing() is not None, reason="torchao not installed (.[fp8])")
-TINY = dict(
-    model_type="llama",
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
-)
+TINY = fp8_engines.MODEL  # the tiny Llama of every FP8 check
 
 
 def _raw(**training):
@@ -320,7 +311,6 @@ def test_fp8_engine_one_rank_all_gather_and_grads():
     """FSDP2 on one gloo rank, bf16 compute: FP8 all-gather (the weight shard cast to FP8 with the scales
     of the optimizer's post-step hook), the local cast and rowwise each stay within FP8 rounding of the same
     run without FP8 in every step's loss and the first step's gradients (tests/fp8_engines.py)."""
-    from tests import fp8_engines
 
     res = run_distributed(fp8_engines.train_cases, 1, "cpu", "bfloat16", fp8_engines.cases(True), timeout=600)
     print("largest gradient difference from no-fp8:", fp8_engines.grad_errors(res[0]))
