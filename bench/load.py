@@ -48,6 +48,17 @@ SHAPES = {
             original_max_position_embeddings=8192,
         ),
     ),
+    # ~400M parameters (0.75 GiB bf16): the CPU profile of the load (`--device cpu --no-step`).
+    "400m": dict(
+        model_type="llama",
+        vocab_size=32000,
+        hidden_size=1536,
+        intermediate_size=4096,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    ),
     "tiny": dict(
         model_type="llama",
         vocab_size=695,
@@ -136,37 +147,99 @@ def _old_trainer():
     return OldTrainer
 
 
-def run_path(path: str, directory: Path, device: str, seq: int, extra: list[str]) -> dict:
-    """One path in this process: build, one step, measurements."""
+def _per_slice_reads() -> None:
+    """The `slices` path: the meta-device build with the reader as it was before the batched reads (issue 18's
+    first version), for a before/after in one run: each request read by itself in row blocks of at most
+    64 MiB into a fresh buffer, cast on the host, then a blocking copy to the destination."""
+    from models.safetensors_io import BLOCK_BYTES, SafetensorsCheckpoint
+
+    def read_many(self, requests) -> None:
+        for key, offsets, out in requests:
+            e = self.entries[key]
+            if out.numel() == 0:
+                continue
+            shape = e.shape or (1,)
+            row_bytes = torch.Size(shape[1:]).numel() * e.dtype.itemsize
+            inner = tuple(slice(o, o + s) for o, s in zip(offsets[1:], out.shape[1:]))
+            per_block = max(1, BLOCK_BYTES // row_bytes)
+            first, rows = (offsets[0], out.shape[0]) if e.shape else (0, 1)
+            for r in range(0, rows, per_block):
+                n = min(per_block, rows - r)
+                buf = bytearray(n * row_bytes)
+                with open(e.file, "rb") as f:
+                    f.seek(e.start + (first + r) * row_bytes)
+                    f.readinto(buf)
+                block = torch.frombuffer(buf, dtype=e.dtype).view(n, *shape[1:])[(slice(None), *inner)]
+                if e.shape:
+                    out[r : r + n].copy_(block)
+                else:
+                    out.copy_(block.reshape(()))
+
+    SafetensorsCheckpoint.read_many = read_many
+
+
+def _checksum(model: torch.nn.Module) -> float:
+    """One number that differs when any loaded value (or which tensor holds it) differs: the paths that read
+    the same checkpoint must agree exactly."""
+    total = 0.0
+    with torch.no_grad():
+        for i, (_, p) in enumerate(sorted(model.named_parameters(), key=lambda item: item[0])):
+            flat = (p.to_local() if hasattr(p, "to_local") else p).detach().reshape(-1)
+            part = torch.zeros((), dtype=torch.float64, device=flat.device)
+            for j in range(0, flat.numel(), 2**24):  # float64 in pieces: no whole-tensor copy
+                x = flat[j : j + 2**24].double()
+                part += x.sum() + x.square().sum()
+            total += (i + 1) * part.item()
+    return total
+
+
+def run_path(path: str, directory: Path, device: str, seq: int, extra: list[str], step: bool = True) -> dict:
+    """One path in this process: build, one step (unless `step` is false), measurements."""
     from trainer.model_build import host_peak_bytes  # noqa: F401 (same meter as the trainer)
     from trainer.trainer import Trainer
 
     t0 = time.perf_counter()
+    if path == "slices":
+        _per_slice_reads()
     cls = _old_trainer() if path == "old" else Trainer
     trainer = cls(_config(directory, device, seq, extra))
     dev = trainer.device
     # LoRA builds the whole model (no StageLoader): its row has no load columns.
     row = {"path": path, **(trainer.stage_loader.stats if trainer.stage_loader else {})}
+    row["weights_checksum"] = _checksum(trainer.model)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t1 = time.perf_counter()
+    row.update(loss=None, error=None)
     try:
-        batches, _ = trainer._micro_batches()
-        result = trainer.train_step(batches)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        row.update(loss=result.loss, error=None)
+        if step:
+            batches, _ = trainer._micro_batches()
+            result = trainer.train_step(batches)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            row.update(loss=result.loss)
     except torch.OutOfMemoryError as exc:
-        row.update(loss=None, error=f"OOM: {str(exc)[:160]}")
+        row.update(error=f"OOM: {str(exc)[:160]}")
     t2 = time.perf_counter()
     import resource
 
     row.update(
-        first_step_s=t2 - t1,
-        to_first_step_s=t2 - t0,
-        step_gpu_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+        first_step_s=t2 - t1 if step else None,
+        to_first_step_s=t2 - t0 if step else None,
+        step_gpu_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" and step else None,
         host_peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     )
+    return row
+
+
+def _median_row(rows: list[dict]) -> dict:
+    """The run with the median load time, with every run's load time and host peak alongside."""
+    if len(rows) == 1 or any(r.get("load_time_s") is None for r in rows):
+        return rows[0]
+    ranked = sorted(rows, key=lambda r: r["load_time_s"])
+    row = dict(ranked[len(ranked) // 2])
+    row["runs_load_time_s"] = [r["load_time_s"] for r in rows]
+    row["runs_load_peak_host_gib"] = [r["load_peak_host_gib"] for r in rows]
     return row
 
 
@@ -182,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dir", default=None, help="where the model is saved (default: /tmp/longctx_load_<model>)"
     )
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--paths", nargs="+", default=["old", "new"], choices=["old", "new"])
+    ap.add_argument("--paths", nargs="+", default=["old", "new"], choices=["old", "slices", "new"])
     ap.add_argument("--out", default=None)
     ap.add_argument(
         "--set",
@@ -191,13 +264,29 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="config override for every path, e.g. lora.r=16 (the 8B step then fits one GPU)",
     )
+    ap.add_argument("--no-step", action="store_true", help="measure the load only (no training step)")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="fresh processes per path; the median load is shown"
+    )
     ap.add_argument("--run-path", default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args(argv)
     directory = Path(args.dir or f"/tmp/longctx_load_{args.model}") / "model"
     if args.run_path:
-        print("ROW " + json.dumps(run_path(args.run_path, directory, args.device, args.seq, args.set)), flush=True)
+        print(
+            "ROW "
+            + json.dumps(
+                run_path(args.run_path, directory, args.device, args.seq, args.set, not args.no_step)
+            ),
+            flush=True,
+        )
         return 0
-    result = {"date": datetime.date.today().isoformat(), "model": args.model, "seq": args.seq, "set": args.set}
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "model": args.model,
+        "seq": args.seq,
+        "set": args.set,
+    }
+    result["repeat"], result["step"] = args.repeat, not args.no_step
     result["rows"] = []
     if torch.cuda.is_available() and args.device == "cuda":
         result["device"] = torch.cuda.get_device_name()
@@ -209,14 +298,19 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.paths:
         cmd = [sys.executable, "-m", "bench.load", "--run-path", path, "--model", args.model]
         cmd += ["--device", args.device, "--dir", str(directory.parent), "--seq", str(args.seq)]
-        cmd += [f"--set={item}" for item in args.set]
-        proc = subprocess.run(
-            cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
-        )
-        rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        if not rows:
-            rows = [{"path": path, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}]
-        result["rows"] += rows
+        cmd += [f"--set={item}" for item in args.set] + (["--no-step"] if args.no_step else [])
+        runs = []
+        for _ in range(args.repeat):
+            proc = subprocess.run(
+                cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+            )
+            rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+            if not rows:
+                rows = [
+                    {"path": path, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+                ]
+            runs += rows
+        result["rows"].append(_median_row(runs))
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=2))
@@ -229,6 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     print("  ".join(cols))
     for r in result["rows"]:
         print("  ".join(_fmt(r.get(c)) for c in cols))
+        if "runs_load_time_s" in r:
+            print(
+                f"  {r['path']} runs: load_s "
+                + " ".join(f"{t:.2f}" for t in r["runs_load_time_s"])
+                + ", load host GiB "
+                + " ".join(f"{g:.2f}" for g in r["runs_load_peak_host_gib"])
+            )
+    sums = {r["path"]: r.get("weights_checksum") for r in result["rows"]}
+    same = len({v for v in sums.values() if v is not None}) == 1
+    print(f"weights checksum per path: {sums} - {'identical' if same else 'DIFFER'}")
     return 0
 
 

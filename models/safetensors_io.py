@@ -2,10 +2,11 @@
 
 A safetensors file is an 8-byte header length, a JSON header (name -> dtype, shape, byte range) and the
 raw row-major data. A slice along dim 0 is one contiguous byte range; a slice along later dims (a
-row-wise TP shard) is read in row blocks of at most `BLOCK_BYTES`, so a reader holds at most one block
-besides its destination. Plain reads, rather than the mmap that `safe_open` uses, keep the touched file
-pages out of the process' resident memory: the page cache is shared and reclaimable, an mmap's pages
-count against every rank that touched them.
+row-wise TP shard) is read in row blocks of at most `BLOCK_BYTES`. `read_many` reads the slices of many
+tensors in file-offset order through a few reused buffers (`models/safetensors_reader.py`), so a reader
+holds at most `safetensors_reader.BUFFERS` blocks besides its destinations. Plain reads, rather than the
+mmap that `safe_open` uses, keep the touched file pages out of the process' resident memory: the page
+cache is shared and reclaimable, an mmap's pages count against every rank that touched them.
 """
 
 from __future__ import annotations
@@ -42,18 +43,30 @@ class Entry:
 
 
 def _read_header(file: Path) -> dict[str, Entry]:
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        items = [
+            (k, v["dtype"], tuple(v["shape"]), int(v["data_offsets"][0]), int(v["data_offsets"][1]))
+            for k, v in header.items()
+            if k != "__metadata__"
+        ]
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{file.name}: not a safetensors file ({why})") from None
     entries = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if info["dtype"] not in DTYPES:
-            raise ValueError(f"{file.name}: tensor {key} has unsupported dtype {info['dtype']}")
-        entries[key] = Entry(
-            file, DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + info["data_offsets"][0]
-        )
+    for key, dtype, shape, begin, end in items:
+        if dtype not in DTYPES:
+            raise ValueError(f"{file.name}: tensor {key} has unsupported dtype {dtype}")
+        if 8 + n + end > size:
+            raise ValueError(
+                f"{file.name}: truncated (tensor {key} ends at byte {8 + n + end}, the file has {size})"
+            )
+        entries[key] = Entry(file, DTYPES[dtype], shape, 8 + n + begin)
     return entries
 
 
@@ -70,7 +83,8 @@ def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
 
 
 class SafetensorsCheckpoint:
-    """The tensors of one HF model directory, by name; `read` copies a slice into a destination tensor."""
+    """The tensors of one HF model directory, by name; `read_many` copies slices into destination tensors
+    (`models/safetensors_reader.py`: file-offset order, background reads, casts on the destination's device)."""
 
     def __init__(self, directory: str | os.PathLike):
         files = checkpoint_files(directory)
@@ -89,35 +103,23 @@ class SafetensorsCheckpoint:
     def read(self, key: str, offsets: tuple[int, ...], out: torch.Tensor) -> None:
         """Fill `out` (any dtype and device) with the block of tensor `key` that starts at `offsets` and has
         `out`'s shape."""
-        e = self.entries[key]
-        shape = e.shape
-        if len(offsets) != len(shape) or out.dim() != len(shape):
-            raise ValueError(f"{key}: slice of rank {out.dim()} for a tensor of shape {shape}")
-        if any(o + s > d for o, s, d in zip(offsets, out.shape, shape)):
-            raise ValueError(f"{key}: slice {tuple(out.shape)} at {offsets} exceeds the saved shape {shape}")
-        if out.numel() == 0:
-            return
-        if not shape:  # a scalar
-            out.copy_(self._rows(e, 0, 1).reshape(()))
-            return
-        row_bytes = torch.Size(shape[1:]).numel() * e.dtype.itemsize
-        inner = tuple(slice(o, o + s) for o, s in zip(offsets[1:], out.shape[1:]))
-        per_block = max(1, BLOCK_BYTES // max(row_bytes, 1))
-        first, rows = offsets[0], out.shape[0]
-        for r in range(0, rows, per_block):
-            n = min(per_block, rows - r)
-            block = self._rows(e, first + r, n).view(n, *shape[1:])
-            out[r : r + n].copy_(block[(slice(None), *inner)])
+        self.read_many([(key, offsets, out)])
 
-    @staticmethod
-    def _rows(e: Entry, first: int, n: int) -> torch.Tensor:
-        row_bytes = torch.Size(e.shape[1:]).numel() * e.dtype.itemsize
-        buf = bytearray(n * row_bytes)
-        with open(e.file, "rb") as f:
-            f.seek(e.start + first * row_bytes)
-            if f.readinto(buf) != len(buf):
-                raise OSError(f"{e.file.name}: truncated tensor data")
-        return torch.frombuffer(buf, dtype=e.dtype)
+    def read_many(self, requests: list[tuple[str, tuple[int, ...], torch.Tensor]]) -> None:
+        """`read` for many (key, offsets, out) at once: the reads are sorted by file offset, merged into
+        large contiguous reads and overlapped with the copies into `out`."""
+        from models.safetensors_reader import read_pieces, slice_pieces
+
+        pieces = []
+        for key, offsets, out in requests:
+            pieces += slice_pieces(key, self.entries[key], offsets, out, BLOCK_BYTES)
+        read_pieces(pieces, BLOCK_BYTES)
+
+    def close(self) -> None:
+        """After the last read: the pinned read buffers go back to the OS."""
+        from models.safetensors_reader import release_pinned
+
+        release_pinned()
 
 
 def resolve_model_dir(path: str) -> Path:

@@ -96,15 +96,25 @@ class CheckpointFill:
         return [clean_fqn(n) for n in names if self.key_of(n) is None]
 
     def fill(self, module_fqn: str, module: nn.Module, params: dict[str, torch.Tensor]) -> None:
-        for name, param in params.items():
-            key = self.key_of(f"{module_fqn}.{name}" if module_fqn else name)
-            saved = self.ckpt.entries[key].shape
-            if tuple(saved) != tuple(param.shape):
-                raise ValueError(
-                    f"checkpoint tensor {key} has shape {tuple(saved)}, the model expects {tuple(param.shape)}"
-                )
-            offsets, local = local_block(param)
-            self.ckpt.read(key, offsets, local)
+        self.fill_all([(module_fqn, module, params)])
+
+    def fill_all(self, modules: list[tuple[str, nn.Module, dict[str, torch.Tensor]]]) -> None:
+        """`fill` for many modules with one batched read: every block of every module, in file order."""
+        requests = []
+        for module_fqn, _, params in modules:
+            for name, param in params.items():
+                key = self.key_of(f"{module_fqn}.{name}" if module_fqn else name)
+                saved = self.ckpt.entries[key].shape
+                if tuple(saved) != tuple(param.shape):
+                    raise ValueError(
+                        f"checkpoint tensor {key} has shape {tuple(saved)}, the model expects {tuple(param.shape)}"
+                    )
+                offsets, local = local_block(param)
+                requests.append((key, offsets, local))
+        self.ckpt.read_many(requests)
+
+    def close(self) -> None:
+        self.ckpt.close()
 
 
 def report_missing(missing: list[str], what: str = "the checkpoint") -> None:
@@ -116,16 +126,27 @@ def report_missing(missing: list[str], what: str = "the checkpoint") -> None:
 
 def fill_stage(stage: nn.Module, source: WeightSource) -> None:
     """Visit every module that owns parameters (a tied parameter once, under its first name) and let
-    `source` fill them. Persistent buffers are not supported (Llama-family models have none)."""
+    `source` fill them - all at once when it can (`fill_all`: one batched checkpoint read). Persistent
+    buffers are not supported (Llama-family models have none)."""
     if hasattr(source, "check"):
         source.check(stage)
     seen: set[int] = set()
+    modules = []
+    for module_fqn, module in stage.named_modules():
+        persistent = set(module._buffers) - module._non_persistent_buffers_set
+        if any(module._buffers[b] is not None for b in persistent):
+            raise NotImplementedError(f"{module_fqn}: persistent buffers {sorted(persistent)}")
+        params = {n: p for n, p in module._parameters.items() if p is not None and id(p) not in seen}
+        if params:
+            seen.update(id(p) for p in params.values())
+            modules.append((module_fqn, module, params))
     with torch.no_grad():
-        for module_fqn, module in stage.named_modules():
-            persistent = set(module._buffers) - module._non_persistent_buffers_set
-            if any(module._buffers[b] is not None for b in persistent):
-                raise NotImplementedError(f"{module_fqn}: persistent buffers {sorted(persistent)}")
-            params = {n: p for n, p in module._parameters.items() if p is not None and id(p) not in seen}
-            if params:
-                seen.update(id(p) for p in params.values())
-                source.fill(module_fqn, module, params)
+        try:
+            if hasattr(source, "fill_all"):
+                source.fill_all(modules)
+            else:
+                for module_fqn, module, params in modules:
+                    source.fill(module_fqn, module, params)
+        finally:
+            if hasattr(source, "close"):
+                source.close()

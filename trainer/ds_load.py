@@ -85,3 +85,7 @@ class _Gathered:
     def check(self, stage: nn.Module) -> None:
         if hasattr(self.inner, "check"):
             self.inner.check(stage)
+
+    def close(self) -> None:
+        if hasattr(self.inner, "close"):
+            self.inner.close()
