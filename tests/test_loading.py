@@ -225,6 +225,15 @@ def _write_models(root) -> dict[str, str]:
             {edit(k): v for k, v in sd.items() if edit(k)}, os.path.join(dirs[name], "model.safetensors")
         )
         shutil.copy(os.path.join(dirs["small"], "config.json"), dirs[name])
+    # A file cut short (a partial download) and one whose header is not JSON.
+    for name, edit in (("truncated", lambda b: b[:-100]), ("corrupt", lambda b: b[:8] + b"#" * 16 + b[24:])):
+        dirs[name] = str(root / name)
+        shutil.copytree(dirs["small"], dirs[name])
+        path = os.path.join(dirs[name], "model.safetensors")
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(edit(data))
     return dirs
 
 
@@ -252,11 +261,12 @@ def _four_ranks(rank, world, dirs, tmp):
     out["load:tied"] = _full_weights(
         Trainer(_cfg(f"{tmp}/tied", dirs["tied"], ["parallel.tp=2", "parallel.dp=2"]))
     )
-    try:
-        Trainer(_cfg(f"{tmp}/broken", dirs["broken"], ["parallel.dp=4"]))
-        out["broken"] = None
-    except ModelLoadError as exc:
-        out["broken"] = str(exc)
+    for bad in ("broken", "truncated", "corrupt"):
+        try:
+            Trainer(_cfg(f"{tmp}/{bad}", dirs[bad], ["parallel.dp=4"]))
+            out[bad] = None
+        except ModelLoadError as exc:
+            out[bad] = str(exc)
     out.update(_random_layouts(rank, world, RANDOM_LAYOUTS[4], tmp))
     if HAS_DS:
         ds = ["parallel.engine=deepspeed", "deepspeed.zero_stage=3", "parallel.dp=2", "parallel.cp=2"]
@@ -286,11 +296,17 @@ def test_load_from_safetensors_equals_from_pretrained(four):
         _assert_same(got, ref, f"load {name}")
     broken = per_rank[0]["broken"]
     assert broken is not None and "\n" not in broken and "model.layers.1.mlp.up_proj.weight" in broken, broken
+    for bad, why in (
+        ("truncated", "model.safetensors: truncated"),
+        ("corrupt", "model.safetensors: not a safetensors"),
+    ):
+        for message in (r[bad] for r in per_rank):
+            assert message is not None and "\n" not in message and why in message, message
 
 
 def test_random_init_same_weights_at_4_ranks(four):
     per_rank, _ = four
-    skip = ("memory", "broken")
+    skip = ("memory", "broken", "truncated", "corrupt")
     merged = _merge(
         [{k: v for k, v in r.items() if k not in skip and not k.startswith("load:")} for r in per_rank]
     )

@@ -5,9 +5,11 @@ of its stage / F, on the host instead of the GPU with FSDP CPU offload; with LoR
 model.dtype plus fp32 adapters), then fills them:
 
     GPU   4 * shard  (0 with fsdp_cpu_offload)  + with random init the largest module's full fp32 tensors
-          (the family's init runs on the device, one module at a time: the embedding, V*h)
-    host  runtime (the calibration's overhead)  + one read block (models/safetensors_io.BLOCK_BYTES)
-          + 4 * shard with fsdp_cpu_offload; times the GPUs of a node
+          (the family's init runs on the device, one module at a time: the embedding, V*h), from a
+          checkpoint one read block (the saved bytes are copied to the GPU and cast there)
+    host  runtime (the calibration's overhead)  + the read buffers (models/safetensors_reader.BUFFERS
+          blocks of models/safetensors_io.BLOCK_BYTES) + 4 * shard with fsdp_cpu_offload; times the GPUs
+          of a node
 
 For comparison, `whole` is what loading the whole fp32 model on every rank first costs (what
 `from_pretrained` per rank did): 4 * P on every GPU and on the host for each rank of a node.
@@ -22,9 +24,9 @@ from parallel.planner.enumerate import Layout
 from parallel.planner.lora import adapter_layer_params
 from parallel.planner.memory import GIB, ModelShape, Workload
 
-READ_BLOCK_BYTES = (
-    64 * 2**20
-)  # models/safetensors_io.BLOCK_BYTES (parallel/ keeps its own copy of the figure)
+# models/safetensors_io.BLOCK_BYTES and safetensors_reader.BUFFERS (parallel/ keeps its own copy of the figures)
+READ_BLOCK_BYTES = 64 * 2**20
+READ_BUFFERS = 4
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,9 @@ def load_memory(
         p_adapter = adapter_layer_params(shape, work.lora_rank, work.lora_targets, layout.tp)
         shard += 4 * math.ceil(stage_layers * p_adapter / fsdp)
     largest_module = 4 * shape.vocab * shape.hidden if random_init else 0
-    gpu = (0 if work.fsdp_cpu_offload else shard) + largest_module
-    per_rank_host = runtime_bytes + READ_BLOCK_BYTES + (shard if work.fsdp_cpu_offload else 0)
+    staging = 0 if random_init or work.fsdp_cpu_offload else READ_BLOCK_BYTES
+    gpu = (0 if work.fsdp_cpu_offload else shard) + largest_module + staging
+    per_rank_host = runtime_bytes + READ_BUFFERS * READ_BLOCK_BYTES + (shard if work.fsdp_cpu_offload else 0)
     ranks = min(gpus_per_node, layout.dp * layout.tp * layout.pp * layout.cp)
     total = shape.layers * shape.layer_params() + shape.root_params()
     return LoadMemory(gpu=gpu, host_per_node=ranks * per_rank_host, whole=4 * total)
