@@ -2,15 +2,24 @@
 before the meta-device build) vs the meta-device build with sharded safetensors reads, in one run.
 
     python -m bench.load --out $OUT/load.json                         # Llama-3.1-8B shape, one GPU
+    python -m bench.load --dir /tmp/llama8b --paths old slices new --no-step --repeat 3 --out $OUT/load.json
+    python -m bench.load --model 400m --device cpu --paths old slices new --no-step --repeat 3  # CPU profile
     python -m bench.load --model tiny --device cpu --out /tmp/l.json  # CPU smoke run
 
+Paths: `old` (whole model), `new` (meta build, batched reads: models/safetensors_reader.py), `slices` (meta
+build with the reader as it was before the batched reads - each slice by itself, cast on the host - for a
+before/after of the reader in one run).
+
 The model (random weights, bf16) is written once with `save_pretrained` to --dir on local disk (kept for
-reruns). Each path then runs in its own fresh process (so host peaks do not mix): build the trainer
-(world of one; FSDP2 over it, full activation checkpointing, bf16 compute on fp32 masters) and run one
-optimizer step. Columns: load_s (model build: config to filled stage), first_step_s, to_first_step_s
-(Trainer() start to the end of step 1, compile off), load_gpu_gib (max_memory_allocated during the load),
-step_gpu_gib (max during step 1: the steady training peak), load_host_gib (VmHWM during the load),
-host_peak_gib (the process' lifetime peak RSS). The file is warm in the page cache for both paths.
+reruns). Each path then runs in its own fresh process (so host peaks do not mix; --repeat N runs N
+processes per path and shows the one with the median load time): build the trainer (world of one; FSDP2
+over it, full activation checkpointing, bf16 compute on fp32 masters) and run one optimizer step (not with
+--no-step). Columns: load_time_s (model build: config to filled stage), load_cpu_s (CPU seconds of all
+threads over the same span), first_step_s, to_first_step_s (Trainer() start to the end of step 1, compile
+off), load_peak_mem_gib (max_memory_allocated during the load), step_gpu_gib (max during step 1: the steady
+training peak), load_peak_host_gib (VmHWM during the load), host_peak_gib (the process' lifetime peak RSS).
+The file is warm in the page cache for every path. Every path reads the same checkpoint, so the weights
+checksum printed at the end must be identical.
 """
 
 from __future__ import annotations
@@ -240,6 +249,7 @@ def _median_row(rows: list[dict]) -> dict:
     row = dict(ranked[len(ranked) // 2])
     row["runs_load_time_s"] = [r["load_time_s"] for r in rows]
     row["runs_load_peak_host_gib"] = [r["load_peak_host_gib"] for r in rows]
+    row["runs_load_cpu_s"] = [r.get("load_cpu_s") for r in rows]
     return row
 
 
@@ -268,10 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--repeat", type=int, default=1, help="fresh processes per path; the median load is shown"
     )
+    ap.add_argument(
+        "--readers", type=int, default=None, help="reader threads of the new path (default: READERS)"
+    )
+    ap.add_argument(
+        "--buffers", type=int, default=None, help="host read buffers of the new path (default: BUFFERS)"
+    )
     ap.add_argument("--run-path", default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args(argv)
     directory = Path(args.dir or f"/tmp/longctx_load_{args.model}") / "model"
     if args.run_path:
+        import models.safetensors_reader as reader
+
+        reader.READERS, reader.BUFFERS = args.readers or reader.READERS, args.buffers or reader.BUFFERS
         print(
             "ROW "
             + json.dumps(
@@ -287,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "set": args.set,
     }
     result["repeat"], result["step"] = args.repeat, not args.no_step
+    result["readers"], result["buffers"] = args.readers, args.buffers
     result["rows"] = []
     if torch.cuda.is_available() and args.device == "cuda":
         result["device"] = torch.cuda.get_device_name()
@@ -299,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "bench.load", "--run-path", path, "--model", args.model]
         cmd += ["--device", args.device, "--dir", str(directory.parent), "--seq", str(args.seq)]
         cmd += [f"--set={item}" for item in args.set] + (["--no-step"] if args.no_step else [])
+        cmd += [f"--{k}={v}" for k, v in (("readers", args.readers), ("buffers", args.buffers)) if v]
         runs = []
         for _ in range(args.repeat):
             proc = subprocess.run(
@@ -314,7 +335,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=2))
-    cols = ["path", "load_time_s", "first_step_s", "to_first_step_s", "load_peak_mem_gib", "step_gpu_gib"]
+    cols = [
+        "path",
+        "load_time_s",
+        "load_cpu_s",
+        "first_step_s",
+        "to_first_step_s",
+        "load_peak_mem_gib",
+        "step_gpu_gib",
+    ]
     cols += ["load_peak_host_gib", "host_peak_gib", "loss", "error"]
     print(
         f"{result.get('device', args.device)}, torch {torch.__version__}, {args.model} shape, "
@@ -329,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                 + " ".join(f"{t:.2f}" for t in r["runs_load_time_s"])
                 + ", load host GiB "
                 + " ".join(f"{g:.2f}" for g in r["runs_load_peak_host_gib"])
+                + ", load cpu_s "
+                + " ".join(_fmt(c) for c in r["runs_load_cpu_s"])
             )
     sums = {r["path"]: r.get("weights_checksum") for r in result["rows"]}
     same = len({v for v in sums.values() if v is not None}) == 1

@@ -54,9 +54,10 @@ class LoadMeter:
 
     device: torch.device
     t0: float = 0.0
+    cpu0: float = 0.0
 
     def __enter__(self) -> LoadMeter:
-        self.t0 = time.perf_counter()
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
         _reset_host_peak()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -68,6 +69,7 @@ class LoadMeter:
             torch.cuda.synchronize(self.device)
         self.stats = {
             "load_time_s": time.perf_counter() - self.t0,
+            "load_cpu_s": time.process_time() - self.cpu0,  # all threads: robust to a busy machine
             "load_peak_mem_gib": (
                 torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
             ),

@@ -26,7 +26,7 @@ from parallel.planner.memory import GIB, ModelShape, Workload
 
 # models/safetensors_io.BLOCK_BYTES and safetensors_reader.BUFFERS (parallel/ keeps its own copy of the figures)
 READ_BLOCK_BYTES = 64 * 2**20
-READ_BUFFERS = 4
+READ_BUFFERS = 6
 
 
 @dataclass(frozen=True)
