@@ -113,8 +113,8 @@ def _host_buffer(size: int, pinned: bool) -> torch.Tensor:
     if pinned:  # page-locked: the copy to the GPU is a DMA that can run while the next block is read
         return torch.empty(size, dtype=torch.uint8, pin_memory=True)
     # Private anonymous memory in 2 MiB pages where the kernel allows it (shared memory would not get
-    # them): a 64 MiB buffer takes 32 page faults on first use instead of 16384 - measured, those faults
-    # were a fifth of the CPU time of a host-side load.
+    # them): a 64 MiB buffer takes 32 page faults on first use instead of 16384 (measured with 6 buffers
+    # on a 0.75 GiB load to the host: 94k faults, 0.3 of its 1.6 CPU seconds).
     area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         area.madvise(mmap.MADV_HUGEPAGE)
