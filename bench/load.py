@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_path:
         import models.safetensors_reader as reader
 
-        reader.READERS, reader.BUFFERS = args.readers or reader.READERS, args.buffers or reader.BUFFERS
+        reader.READERS = args.readers or reader.READERS
+        if args.buffers:  # whichever of the two the destinations select
+            reader.BUFFERS = reader.CPU_BUFFERS = args.buffers
         print(
             "ROW "
             + json.dumps(
