@@ -61,6 +61,27 @@ class LoraFill:
             offsets, local = local_block(param)
             local.copy_(full[tuple(slice(o, o + s) for o, s in zip(offsets, local.shape))])
 
+    def fill_all(self, modules: list[tuple[str, nn.Module, dict[str, torch.Tensor]]]) -> None:
+        """`fill` for every module: the base weights in one batched read when the base source can
+        (parallel/load.CheckpointFill.fill_all), the adapters module by module."""
+        base = []
+        for module_fqn, module, params in modules:
+            name = clean_fqn(module_fqn)
+            if lora.adapter_owner(name) is None:
+                base.append((lora.base_module_name(name), module, params))
+            else:
+                self.fill(module_fqn, module, params)
+        if hasattr(self.base, "fill_all"):
+            self.base.fill_all(base)
+        else:
+            for item in base:
+                self.base.fill(*item)
+
+    def close(self) -> None:
+        for source in (self.base, self.adapter):
+            if hasattr(source, "close"):
+                source.close()
+
 
 def lora_stage_options(spec: lora.LoraSpec, base_dtype: torch.dtype) -> dict[str, Any]:
     """`StageLoader` keyword arguments of a LoRA run: the base built (and kept) in model.dtype, peft's
