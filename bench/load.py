@@ -213,8 +213,7 @@ def run_path(path: str, directory: Path, device: str, seq: int, extra: list[str]
     cls = _old_trainer() if path == "old" else Trainer
     trainer = cls(_config(directory, device, seq, extra))
     dev = trainer.device
-    # LoRA builds the whole model (no StageLoader): its row has no load columns.
-    row = {"path": path, **(trainer.stage_loader.stats if trainer.stage_loader else {})}
+    row = {"path": path, **trainer.stage_loader.stats}  # the old path's own meter stands in for it
     row["weights_checksum"] = _checksum(trainer.model)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
