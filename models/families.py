@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from models.expert_layout import QWEN3_MOE, FusedExperts
 from parallel.dims import ConfigError
 
 
@@ -31,8 +32,10 @@ class Family:
     tensor_parallel: bool = True
     """The model's base_model_tp_plan uses only styles parallel/tp.py implements."""
     pretrained: bool = True
-    """Its checkpoints load through the sharded safetensors loader (Qwen3-MoE's fused expert tensors do not
-    map onto the checkpoint's per-expert keys yet)."""
+    """Its checkpoints load through the sharded safetensors loader."""
+    experts: tuple[FusedExperts, ...] = ()
+    """Fused expert parameters and the per-expert checkpoint tensors they are assembled from
+    (models/expert_layout.py)."""
 
 
 FAMILIES: dict[str, Family] = {
@@ -46,7 +49,7 @@ FAMILIES: dict[str, Family] = {
         Family("granite", "Granite 3"),
         Family("phi3", "Phi-3 / Phi-3.5", sequence_parallel=False),
         Family("ministral", "Ministral"),
-        Family("qwen3_moe", "Qwen3-MoE", sequence_parallel=False, tensor_parallel=False, pretrained=False),
+        Family("qwen3_moe", "Qwen3-MoE", sequence_parallel=False, tensor_parallel=False, experts=QWEN3_MOE),
     )
 }
 
@@ -67,6 +70,12 @@ TP_STYLES = (
     "rowwise_split_input",
     "replicated_with_grad_allreduce",
 )
+
+
+def expert_layout(hf_config: Any) -> tuple[FusedExperts, ...]:
+    """The fused expert parameters of the model's family (none for dense families and unknown types)."""
+    family = FAMILIES.get(getattr(hf_config, "model_type", None))
+    return family.experts if family is not None else ()
 
 
 def family_names() -> str:
@@ -152,7 +161,6 @@ def check_family(
     if pretrained and not family.pretrained:
         raise ConfigError(
             "model.path",
-            f"{family.name} checkpoints do not load yet (the sharded loader has no mapping for its fused expert "
-            "tensors, model.layers.*.mlp.experts.*); train it from model.config (random init)",
+            f"{family.name} checkpoints do not load yet; train it from model.config (random init)",
         )
     return family

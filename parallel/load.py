@@ -11,13 +11,14 @@ every layout gets the same weights). No collective is needed: every rank reads o
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from models.expert_layout import FusedExperts, expert_keys, expert_requests, match, part_key, part_shape
 from models.meta_build import checkpoint_key_candidates, clean_fqn, full_init, recompute_buffers
 from models.safetensors_io import SafetensorsCheckpoint
 
@@ -79,21 +80,42 @@ class RandomInit:
 
 class CheckpointFill:
     """Blocks read from an HF safetensors checkpoint; `check` reports every parameter it lacks before
-    anything is read."""
+    anything is read. `experts` (the family's, models/expert_layout.py): fused expert parameters that a
+    checkpoint may store per expert; each rank then reads the rows of the expert tensors its block covers."""
 
-    def __init__(self, ckpt: SafetensorsCheckpoint, tied: bool):
-        self.ckpt, self.tied = ckpt, tied
+    def __init__(self, ckpt: SafetensorsCheckpoint, tied: bool, experts: tuple[FusedExperts, ...] = ()):
+        self.ckpt, self.tied, self.experts = ckpt, tied, experts
 
     def key_of(self, fqn: str) -> str | None:
         return next((k for k in checkpoint_key_candidates(fqn, self.tied) if k in self.ckpt), None)
 
+    def per_expert(self, fqn: str) -> tuple[str, FusedExperts] | None:
+        """(checkpoint prefix, spec) when `fqn` is a fused expert parameter that the checkpoint does not hold
+        by its own name: the prefix under which expert 0's first part is saved (else the first candidate's)."""
+        if not self.experts or self.key_of(fqn) is not None:
+            return None
+        found = [m for k in checkpoint_key_candidates(fqn, self.tied) if (m := match(k, self.experts))]
+        for prefix, spec in found:
+            if part_key(prefix, 0, spec.parts[0]) in self.ckpt:
+                return prefix, spec
+        return found[0] if found else None
+
     def check(self, stage: nn.Module) -> None:
         """Every rank, before reading: each parameter has a checkpoint tensor (or a fallback)."""
-        report_missing(self.missing(n for n, _ in stage.named_parameters()))
+        report_missing(self.missing({n: p.shape for n, p in stage.named_parameters()}))
 
-    def missing(self, names: Iterable[str]) -> list[str]:
-        """The parameter names among `names` that no checkpoint tensor holds."""
-        return [clean_fqn(n) for n in names if self.key_of(n) is None]
+    def missing(self, shapes: Mapping[str, Sequence[int]]) -> list[str]:
+        """The checkpoint tensors that the parameters `shapes` (name -> global shape) need and that the
+        checkpoint lacks: a parameter's name, or one expert's tensor of a fused expert parameter."""
+        out = []
+        for name, shape in shapes.items():
+            experts = self.per_expert(name)
+            if experts is not None:
+                prefix, spec = experts
+                out += [k for k in expert_keys(prefix, spec, shape[0]) if k not in self.ckpt]
+            elif self.key_of(name) is None:
+                out.append(clean_fqn(name))
+        return out
 
     def fill(self, module_fqn: str, module: nn.Module, params: dict[str, torch.Tensor]) -> None:
         self.fill_all([(module_fqn, module, params)])
@@ -103,15 +125,25 @@ class CheckpointFill:
         requests = []
         for module_fqn, _, params in modules:
             for name, param in params.items():
-                key = self.key_of(f"{module_fqn}.{name}" if module_fqn else name)
-                saved = self.ckpt.entries[key].shape
-                if tuple(saved) != tuple(param.shape):
-                    raise ValueError(
-                        f"checkpoint tensor {key} has shape {tuple(saved)}, the model expects {tuple(param.shape)}"
-                    )
+                fqn = f"{module_fqn}.{name}" if module_fqn else name
                 offsets, local = local_block(param)
-                requests.append((key, offsets, local))
+                experts = self.per_expert(fqn)
+                if experts is None:
+                    key = self.key_of(fqn)
+                    self._check_shape(key, tuple(param.shape))
+                    requests.append((key, offsets, local))
+                    continue
+                prefix, spec = experts
+                want = part_shape(spec, tuple(param.shape))
+                for key in expert_keys(prefix, spec, param.shape[0]):
+                    self._check_shape(key, want)
+                requests += expert_requests(prefix, spec, tuple(param.shape), offsets, local)
         self.ckpt.read_many(requests)
+
+    def _check_shape(self, key: str, want: tuple[int, ...]) -> None:
+        saved = tuple(self.ckpt.entries[key].shape)
+        if saved != tuple(want):
+            raise ValueError(f"checkpoint tensor {key} has shape {saved}, the model expects {tuple(want)}")
 
     def close(self) -> None:
         self.ckpt.close()

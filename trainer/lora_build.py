@@ -31,10 +31,13 @@ class LoraFill:
     def check(self, stage: nn.Module) -> None:
         """Before anything is read: the base checkpoint holds every base weight, the adapter file every
         adapter weight of this stage (raises ValueError naming the first few missing)."""
-        names = [clean_fqn(n) for n, _ in stage.named_parameters()]
+        shapes = {clean_fqn(n): p.shape for n, p in stage.named_parameters()}
+        names = list(shapes)
         if hasattr(self.base, "missing"):
             report_missing(
-                self.base.missing(lora.base_name(n) for n in names if not lora.is_adapter_param(n))
+                self.base.missing(
+                    {lora.base_name(n): s for n, s in shapes.items() if not lora.is_adapter_param(n)}
+                )
             )
         if self.adapter is not None:
             lacking = [

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from models.causal_lm import CausalLMStage, split_layers
+from models.families import expert_layout
 from models.meta_build import build_meta_model
 from models.safetensors_io import SafetensorsCheckpoint, resolve_model_dir
 from parallel.load import CheckpointFill, RandomInit, WeightSource, fill_stage, materialize
@@ -88,7 +89,9 @@ def weight_source(
     if path is None:
         return RandomInit(hf_model, seed, device)
     ckpt = SafetensorsCheckpoint(resolve_model_dir(path))
-    return CheckpointFill(ckpt, bool(getattr(hf_config, "tie_word_embeddings", False)))
+    return CheckpointFill(
+        ckpt, bool(getattr(hf_config, "tie_word_embeddings", False)), expert_layout(hf_config)
+    )
 
 
 class MetaBuild:
