@@ -141,6 +141,14 @@ CASES = [
     ("phi3-pp2-cp2", "phi3", None, PP2CP2),
     ("ministral-cp4-hybrid", "ministral", None, CP4["hybrid"]),
     ("ministral-tp2-cp2", "ministral", None, TP2CP2),
+    # FSDP shards the fused experts over dp x cp: each rank assembles its experts from per-expert tensors.
+    ("qwen3_moe-cp4-ring", "qwen3_moe", None, CP4["ring"]),
+    (
+        "qwen3_moe-dp2-cp2-ulysses",
+        "qwen3_moe",
+        None,
+        ["parallel.dp=2", "parallel.cp=2", "parallel.cp_strategy=ulysses"],
+    ),
 ]
 
 

@@ -63,6 +63,16 @@ BIG = dict(
     num_attention_heads=16,
     num_key_value_heads=4,
 )
+# Saved by save_pretrained with one tensor per expert (the hub's layout), loaded into fused experts.
+MOE = dict(
+    TIED,
+    model_type="qwen3_moe",
+    tie_word_embeddings=False,
+    moe_intermediate_size=24,
+    num_experts=4,
+    num_experts_per_tok=2,
+    head_dim=8,
+)
 TINY = dict(SMALL, num_hidden_layers=1, hidden_size=32, intermediate_size=32, num_attention_heads=4)
 
 LORA = ["lora.r=4", "lora.alpha=8"]  # a new adapter on every projection (names starting "lora-" below)
@@ -203,7 +213,7 @@ def _write_models(root) -> dict[str, str]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dirs = {}
-    for name, fields in (("small", SMALL), ("tied", TIED), ("big", BIG), ("tiny", TINY)):
+    for name, fields in (("small", SMALL), ("tied", TIED), ("big", BIG), ("tiny", TINY), ("moe", MOE)):
         fields = dict(fields)
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         torch.manual_seed(int(torch.randint(0, 2**30, ())))
@@ -225,6 +235,15 @@ def _write_models(root) -> dict[str, str]:
             {edit(k): v for k, v in sd.items() if edit(k)}, os.path.join(dirs[name], "model.safetensors")
         )
         shutil.copy(os.path.join(dirs["small"], "config.json"), dirs[name])
+    # A MoE checkpoint missing one expert's tensor.
+    moe = load_file(os.path.join(dirs["moe"], "model.safetensors"))
+    dirs["moe-broken"] = str(root / "moe-broken")
+    os.makedirs(dirs["moe-broken"])
+    lost = "model.layers.1.mlp.experts.3.gate_proj.weight"
+    save_file(
+        {k: v for k, v in moe.items() if k != lost}, os.path.join(dirs["moe-broken"], "model.safetensors")
+    )
+    shutil.copy(os.path.join(dirs["moe"], "config.json"), dirs["moe-broken"])
     # A file cut short (a partial download) and one whose header is not JSON.
     for name, edit in (("truncated", lambda b: b[:-100]), ("corrupt", lambda b: b[:8] + b"#" * 16 + b[24:])):
         dirs[name] = str(root / name)
@@ -261,7 +280,11 @@ def _four_ranks(rank, world, dirs, tmp):
     out["load:tied"] = _full_weights(
         Trainer(_cfg(f"{tmp}/tied", dirs["tied"], ["parallel.tp=2", "parallel.dp=2"]))
     )
-    for bad in ("broken", "truncated", "corrupt"):
+    # FSDP2 shards the fused experts' dim 0 over dp x cp: one expert per rank, from its own tensors.
+    out["load:moe"] = _full_weights(
+        Trainer(_cfg(f"{tmp}/moe", dirs["moe"], ["parallel.dp=2", "parallel.cp=2"]))
+    )
+    for bad in ("broken", "truncated", "corrupt", "moe-broken"):
         try:
             Trainer(_cfg(f"{tmp}/{bad}", dirs[bad], ["parallel.dp=4"]))
             out[bad] = None
@@ -286,7 +309,8 @@ def test_load_from_safetensors_equals_from_pretrained(four):
 
     per_rank, dirs = four
     merged = _merge([{k: v for k, v in r.items() if k.startswith("load:")} for r in per_rank])
-    for name, model in [*((n, "small") for n, _ in LOAD_LAYOUTS), ("bare", "small"), ("tied", "tied")]:
+    cases = [*((n, "small") for n, _ in LOAD_LAYOUTS), ("bare", "small"), ("tied", "tied"), ("moe", "moe")]
+    for name, model in cases:
         hf = AutoModelForCausalLM.from_pretrained(dirs[model], dtype=torch.float32)
         ref = {n: p.detach() for n, p in hf.named_parameters()}  # a tied lm_head appears once
         ref.update({f"buffer:{n}": b for n, b in hf.named_buffers() if n.startswith("model.rotary_emb.")})
@@ -297,6 +321,7 @@ def test_load_from_safetensors_equals_from_pretrained(four):
     broken = per_rank[0]["broken"]
     assert broken is not None and "\n" not in broken and "model.layers.1.mlp.up_proj.weight" in broken, broken
     for bad, why in (
+        ("moe-broken", "has no tensor for model.layers.1.mlp.experts.3.gate_proj.weight"),
         ("truncated", "model.safetensors: truncated"),
         ("corrupt", "model.safetensors: not a safetensors"),
     ):
@@ -306,7 +331,7 @@ def test_load_from_safetensors_equals_from_pretrained(four):
 
 def test_random_init_same_weights_at_4_ranks(four):
     per_rank, _ = four
-    skip = ("memory", "broken", "truncated", "corrupt")
+    skip = ("memory", "broken", "truncated", "corrupt", "moe-broken")
     merged = _merge(
         [{k: v for k, v in r.items() if k not in skip and not k.startswith("load:")} for r in per_rank]
     )
