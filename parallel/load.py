@@ -49,6 +49,11 @@ def local_block(param: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
     return (0,) * param.dim(), param.data
 
 
+def global_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's full shape (a ZeRO-3 partition's own `shape` is empty)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
 class WeightSource(Protocol):
     def fill(self, module_fqn: str, module: nn.Module, params: dict[str, torch.Tensor]) -> None:
         """Write the values of `params` (this module's own, by local name) into their local shards."""
@@ -102,7 +107,7 @@ class CheckpointFill:
 
     def check(self, stage: nn.Module) -> None:
         """Every rank, before reading: each parameter has a checkpoint tensor (or a fallback)."""
-        report_missing(self.missing({n: p.shape for n, p in stage.named_parameters()}))
+        report_missing(self.missing({n: global_shape(p) for n, p in stage.named_parameters()}))
 
     def missing(self, shapes: Mapping[str, Sequence[int]]) -> list[str]:
         """The checkpoint tensors that the parameters `shapes` (name -> global shape) need and that the

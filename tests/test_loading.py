@@ -294,6 +294,7 @@ def _four_ranks(rank, world, dirs, tmp):
     if HAS_DS:
         ds = ["parallel.engine=deepspeed", "deepspeed.zero_stage=3", "parallel.dp=2", "parallel.cp=2"]
         out["ds-z3"] = _full_weights(Trainer(_cfg(f"{tmp}/ds", SMALL, ds)))
+        out["load:moe-ds"] = _full_weights(Trainer(_cfg(f"{tmp}/moe-ds", dirs["moe"], ds)))
     return out
 
 
@@ -310,6 +311,7 @@ def test_load_from_safetensors_equals_from_pretrained(four):
     per_rank, dirs = four
     merged = _merge([{k: v for k, v in r.items() if k.startswith("load:")} for r in per_rank])
     cases = [*((n, "small") for n, _ in LOAD_LAYOUTS), ("bare", "small"), ("tied", "tied"), ("moe", "moe")]
+    cases += [("moe-ds", "moe")] if HAS_DS else []
     for name, model in cases:
         hf = AutoModelForCausalLM.from_pretrained(dirs[model], dtype=torch.float32)
         ref = {n: p.detach() for n, p in hf.named_parameters()}  # a tied lm_head appears once

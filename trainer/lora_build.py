@@ -15,7 +15,7 @@ from torch import nn
 from models import lora
 from models.meta_build import clean_fqn, init_seed
 from models.safetensors_io import SafetensorsCheckpoint
-from parallel.load import WeightSource, local_block, report_missing
+from parallel.load import WeightSource, global_shape, local_block, report_missing
 
 
 class LoraFill:
@@ -31,7 +31,7 @@ class LoraFill:
     def check(self, stage: nn.Module) -> None:
         """Before anything is read: the base checkpoint holds every base weight, the adapter file every
         adapter weight of this stage (raises ValueError naming the first few missing)."""
-        shapes = {clean_fqn(n): p.shape for n, p in stage.named_parameters()}
+        shapes = {clean_fqn(n): global_shape(p) for n, p in stage.named_parameters()}
         names = list(shapes)
         if hasattr(self.base, "missing"):
             report_missing(
