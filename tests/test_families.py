@@ -143,6 +143,7 @@ CASES = [
     ("ministral-tp2-cp2", "ministral", None, TP2CP2),
     # FSDP shards the fused experts over dp x cp: each rank assembles its experts from per-expert tensors.
     ("qwen3_moe-cp4-ring", "qwen3_moe", None, CP4["ring"]),
+    ("qwen3_moe-pp2-cp2", "qwen3_moe", None, PP2CP2),
     (
         "qwen3_moe-dp2-cp2-ulysses",
         "qwen3_moe",
