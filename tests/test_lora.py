@@ -19,9 +19,9 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.dist import run_distributed
+from tests.test_parity import _global_batches, _hf_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "configs/demo/tokenizer")
@@ -154,25 +154,6 @@ def _run_group(rank, world, dirs):
     return out
 
 
-def _batches(cfg, dp_size):
-    from trainer.data import build_dataloader, load_tokenizer
-
-    tok = load_tokenizer(cfg)
-    loaders = [build_dataloader(cfg, tok, r, dp_size, rank=0) for r in range(dp_size)]
-    return [[next(ld) for ld in loaders for _ in range(cfg.training.grad_accum)] for _ in range(STEPS)]
-
-
-def _loss(model, batches):
-    total, count = 0.0, 0
-    for b in batches:
-        logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
-        total = total + F.cross_entropy(
-            logits.flatten(0, 1).double(), b["labels"].flatten(), ignore_index=-100, reduction="sum"
-        )
-        count += int((b["labels"] != -100).sum())
-    return total / count
-
-
 def _peft_model(dirs, dtype):
     import peft
     from transformers import AutoModelForCausalLM
@@ -186,9 +167,9 @@ def _reference(dirs, cfg, dp_size):
     is returned too (the exports must reproduce its loss)."""
     from trainer.optim import lr_factor
 
-    batches = _batches(cfg, dp_size)
+    batches = _global_batches(cfg, dp_size, STEPS)
     m64 = _peft_model(dirs, torch.float64)
-    loss = _loss(m64, batches[0])
+    loss = _hf_loss(m64, batches[0])
     loss.backward()
     grads = [p.grad for n, p in m64.named_parameters() if "lora_" in n]
     assert len(grads) == 2 * len(TARGETS) * MODEL["num_hidden_layers"] and all(g is not None for g in grads)
@@ -201,7 +182,7 @@ def _reference(dirs, cfg, dp_size):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, o, cfg.training.steps))
     losses = []
     for step in range(STEPS):
-        loss = _loss(model, batches[step])
+        loss = _hf_loss(model, batches[step])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.training.max_grad_norm)
         opt.step()
@@ -272,18 +253,18 @@ def test_lora_layouts_resume_export(dirs):
     # the exports reproduce the trained model's loss: PEFT adapter on the base, and the merged HF weights alone
     _, _, trained, batches = refs[(1, 1)]
     with torch.no_grad():
-        want = _loss(trained, batches[0]).item()
+        want = _hf_loss(trained, batches[0]).item()
         out = f"{dirs['tmp']}/cp4-ring"
         import peft
 
         base = AutoModelForCausalLM.from_pretrained(
             dirs["base"], dtype=torch.float32, attn_implementation="eager"
         )
-        adapter_loss = _loss(peft.PeftModel.from_pretrained(base, f"{out}/adapter"), batches[0]).item()
+        adapter_loss = _hf_loss(peft.PeftModel.from_pretrained(base, f"{out}/adapter"), batches[0]).item()
         merged = AutoModelForCausalLM.from_pretrained(
             f"{out}/hf", dtype=torch.float32, attn_implementation="eager"
         )
-        merged_loss = _loss(merged, batches[0]).item()
+        merged_loss = _hf_loss(merged, batches[0]).item()
     assert _rel(adapter_loss, want) < 1e-5 and _rel(merged_loss, want) < 1e-5, (
         adapter_loss,
         merged_loss,

@@ -13,19 +13,9 @@ from parallel.dims import ConfigError
 from parallel.planner import Layout, ModelShape, Workload, load_rates, step_time
 from parallel.planner.calibration import DEFAULT_CALIBRATION
 from parallel.planner.cost import fp8_cast_bytes
+from tests.test_planner import LLAMA_8B
 from trainer.config import build_config
 
-LLAMA_8B = dict(
-    model_type="llama",
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=1 << 20,
-    tie_word_embeddings=False,
-)
 RATES = load_rates()
 
 
