@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
 import json
 import os
@@ -134,6 +135,17 @@ def gpu_name() -> str:
         return out.splitlines()[0] if out else torch.cuda.get_device_name()
     except (OSError, subprocess.SubprocessError):
         return torch.cuda.get_device_name()
+
+
+def run_meta(args, device: torch.device, **extra) -> dict:
+    """The header every result file carries: date, card (or the CPU smoke run), torch, the command's args."""
+    return dict(
+        date=datetime.date.today().isoformat(),
+        gpu=gpu_name() if device.type == "cuda" else "cpu (smoke run)",
+        torch=torch.__version__,
+        args=vars(args),
+        **extra,
+    )
 
 
 def write_results(path: str | None, rows: list[dict], meta: dict) -> None:

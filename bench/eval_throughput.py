@@ -16,7 +16,6 @@ a few minutes). The JSON is rewritten after every row; an OOM or any failure bec
 from __future__ import annotations
 
 import argparse
-import datetime
 
 import torch
 import torch.distributed as dist
@@ -24,13 +23,13 @@ import torch.distributed as dist
 from bench.common import (
     describe_error,
     free_memory,
-    gpu_name,
     init_dist,
     local_device,
     log0,
     markdown_table,
     max_over_ranks,
     random_batches,
+    run_meta,
     time_ms,
     write_results,
 )
@@ -81,14 +80,7 @@ def main() -> None:
     overrides = {"parallel.mlp_chunks": args.mlp_chunks}
     if args.layers:
         overrides["model.config.num_hidden_layers"] = args.layers
-    meta = dict(
-        date=datetime.date.today().isoformat(),
-        gpu=gpu_name() if device.type == "cuda" else "cpu (smoke run)",
-        world=world,
-        torch=torch.__version__,
-        args=vars(args),
-        dtype="bf16 compute, fp32 master",
-    )
+    meta = run_meta(args, device, world=world, dtype="bf16 compute, fp32 master")
     rows = []
     for model in args.model:
         for seq in args.seqs:

@@ -18,7 +18,6 @@ columns are parallel/planner's prediction for the same row and layout (--device-
 from __future__ import annotations
 
 import argparse
-import datetime
 import threading
 import time
 
@@ -28,13 +27,13 @@ import torch.distributed as dist
 from bench.common import (
     describe_error,
     free_memory,
-    gpu_name,
     init_dist,
     local_device,
     log0,
     markdown_table,
     max_over_ranks,
     random_batches,
+    run_meta,
     write_results,
 )
 from bench.train import PEAK_BF16, EngineRow, make_config, parse_variant, run_steps
@@ -192,12 +191,10 @@ def main() -> None:
         rows.append(row)
         log0(row)
     free_memory(device)
-    meta = dict(
-        date=datetime.date.today().isoformat(),
-        gpu=gpu_name() if device.type == "cuda" else "cpu (smoke run)",
+    meta = run_meta(
+        args,
+        device,
         world=world,
-        torch=torch.__version__,
-        args=vars(args),
         dtype="lora: bf16 frozen base + fp32 adapters; full: fp32 masters, bf16 compute",
     )
     write_results(args.out, rows, meta)

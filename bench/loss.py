@@ -15,11 +15,17 @@ how close each one gets; `err_*` are relative errors of the loss and gradients a
 from __future__ import annotations
 
 import argparse
-import datetime
 
 import torch
 
-from bench.common import describe_error, free_memory, gpu_name, markdown_table, time_ms, write_results
+from bench.common import (
+    describe_error,
+    free_memory,
+    markdown_table,
+    run_meta,
+    time_ms,
+    write_results,
+)
 
 SHAPES = {"1b": (2048, 128256), "3b": (3072, 128256), "8b": (4096, 128256), "tiny": (64, 512)}
 IMPLS = ("chunked", "chunked-compiled", "fused", "fused-compiled", "liger")
@@ -109,12 +115,7 @@ def main() -> None:
                     row = dict(error=describe_error(e))
                 rows.append(dict(shape=shape, tokens=tokens, impl=impl, **row))
                 print(rows[-1], flush=True)
-    meta = dict(
-        date=datetime.date.today().isoformat(),
-        gpu=gpu_name() if device.type == "cuda" else "cpu (smoke run)",
-        torch=torch.__version__,
-        args=vars(args),
-    )
+    meta = run_meta(args, device)
     write_results(args.out, rows, meta)
     print(f"\n{meta['gpu']}, torch {meta['torch']}")
     cols = ["shape", "tokens", "impl", "ms", "head_tflops", "extra_peak_gib", "err_grad_w", "error"]

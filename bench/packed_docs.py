@@ -14,12 +14,11 @@ per-shape graph builds).
 from __future__ import annotations
 
 import argparse
-import datetime
 
 import torch
 
 import parallel.cp.ring as ring
-from bench.common import gpu_name, markdown_table, time_ms, write_results
+from bench.common import markdown_table, run_meta, time_ms, write_results
 from bench.meter import StepMeter
 from parallel.cp.api import cp_attn_func
 
@@ -98,12 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             # Per-document calls plan a kernel for every new length: a slow row shows as soon as it ends.
             print(rows[-1], flush=True)
-    meta = dict(
-        date=datetime.date.today().isoformat(),
-        gpu=gpu_name() if device.type == "cuda" else "cpu (smoke run)",
-        torch=torch.__version__,
-        args=vars(args),
-    )
+    meta = run_meta(args, device)
     write_results(args.out, rows, meta)
     print(f"{meta['gpu']}, torch {meta['torch']}")
     cols = ["seq", "head_dim", "documents", "batched_ms", "per_document_ms", "speedup", "batched_calls"]

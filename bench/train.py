@@ -17,7 +17,6 @@ The peer is what HF accelerate's cp_size does underneath: LlamaForCausalLM (SDPA
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import time
 
@@ -27,13 +26,13 @@ import torch.distributed as dist
 from bench.common import (
     describe_error,
     free_memory,
-    gpu_name,
     init_dist,
     local_device,
     log0,
     markdown_table,
     max_over_ranks,
     random_batches,
+    run_meta,
     sync,
     write_results,
 )
@@ -414,15 +413,7 @@ def main() -> None:
                 rows.append(row)
                 log0(row)
                 free_memory(device)
-    meta = dict(
-        date=datetime.date.today().isoformat(),
-        gpu=gpu_name() if device.type == "cuda" else "cpu (smoke run)",
-        world=world,
-        torch=torch.__version__,
-        args=vars(args),
-        ac=args.ac,
-        dtype="bf16 compute, fp32 master",
-    )
+    meta = run_meta(args, device, world=world, ac=args.ac, dtype="bf16 compute, fp32 master")
     write_results(args.out, rows, meta)
     log0(f"\n{meta['gpu']} x{world}, torch {meta['torch']}")
     log0(
