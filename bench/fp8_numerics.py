@@ -16,6 +16,10 @@ another seed than the shipped file) as the run reads, so no document is seen twi
 the grammar, not memorisation; `demo` reads the shipped configs/demo/corpus.jsonl (~250k tokens), which
 200 steps of 2 x 8192 tokens repeat ~13 times (a measurement on it ended with both runs memorising it).
 
+--concurrent starts the runs together on the one device (three 1B runs at 16k tokens fit an H200 with
+room to spare): the same curves - each run is its own process with the same seed and data - in about half
+the wall time, but their tokens/s then measure a shared GPU, not a speed.
+
 Reported: the largest |loss_x - loss_bf16| / loss_bf16 after warm-up, per step and on the 10-step running
 mean (the curves), for x = fp8 and x = control, and each run's median tokens/s. The issue's target: within 1%.
 """
@@ -94,26 +98,31 @@ def run_config(
     }
 
 
-def train(cfg: dict, work: str, name: str) -> list[dict]:
+def start(cfg: dict, work: str, name: str) -> subprocess.Popen:
+    """Launch `train.py` on `cfg` (one rank via torchrun); its output goes to <work>/<name>.log."""
     path = os.path.join(work, f"{name}.yaml")
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg, f)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "1",
-        "train.py",
-        "--config",
-        path,
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{name} run failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
-    with open(os.path.join(cfg["output_dir"], "metrics.jsonl"), encoding="utf-8") as f:
+    # --standalone: each run its own free rendezvous port, so runs can share the machine (--concurrent)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    cmd += ["train.py", "--config", path]
+    log = open(os.path.join(work, f"{name}.log"), "w", encoding="utf-8")  # noqa: SIM115 - closed in finish
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log, proc.name, proc.out_dir = log, name, cfg["output_dir"]
+    return proc
+
+
+def finish(proc: subprocess.Popen) -> list[dict]:
+    """Wait for a run of `start`; its logged steps (the rows of metrics.jsonl that carry a loss)."""
+    code = proc.wait()
+    proc.log.close()
+    if code != 0:
+        with open(proc.log.name, encoding="utf-8") as f:
+            tail = f.read()[-4000:]
+        raise RuntimeError(f"{proc.name} run failed (exit {code}):\n{tail}")
+    with open(os.path.join(proc.out_dir, "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    shutil.rmtree(cfg["output_dir"], ignore_errors=True)  # the final checkpoint (~15 GB at 1B) is not needed
+    shutil.rmtree(proc.out_dir, ignore_errors=True)  # the final checkpoint (~15 GB at 1B) is not needed
     return [r for r in rows if r.get("loss") is not None]
 
 
@@ -145,6 +154,11 @@ def main() -> None:
     ap.add_argument("--corpus", default="fresh", choices=["fresh", "demo"], help="see the module docstring")
     ap.add_argument("--no-control", action="store_true", help="skip the bf16 rounding control run")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke run, fp8 off")
+    ap.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run the variants at once on the one device (same curves; their tokens/s are then not speeds)",
+    )
     ap.add_argument("--out", default=None, help="JSON file for the curves and the summary")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="fp8_numerics_")
@@ -159,7 +173,7 @@ def main() -> None:
     }
     if args.no_control:
         del variants["control"]
-    curves = {}
+    curves, running = {}, []
     for name, overrides in variants.items():
         cfg = run_config(
             args.model,
@@ -171,7 +185,11 @@ def main() -> None:
             data,
             overrides,
         )
-        curves[name] = train(cfg, work, name)
+        running.append(start(cfg, work, name))
+        if not args.concurrent:
+            curves[name] = finish(running.pop())
+    for proc in running:
+        curves[proc.name] = finish(proc)
     shutil.rmtree(work, ignore_errors=True)
     loss = {k: [r["loss"] for r in rows] for k, rows in curves.items()}
     summary = {}

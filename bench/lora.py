@@ -36,6 +36,7 @@ from bench.common import (
     run_meta,
     write_results,
 )
+from bench.meter import step_meter
 from bench.train import PEAK_BF16, EngineRow, make_config, parse_variant, run_steps
 
 SWITCHES = "parallel.ac_group=4,parallel.activation_offload=true,parallel.mlp_chunks=8"
@@ -109,7 +110,15 @@ def planned(cfg, hf_config, world: int) -> tuple[float, float]:
 
 
 def measure(
-    model: str, spec: str, rank: int, switches: dict, world: int, device, warmup: int, steps: int
+    model: str,
+    spec: str,
+    rank: int,
+    switches: dict,
+    world: int,
+    device,
+    warmup: int,
+    steps: int,
+    breakdown: bool = False,
 ) -> dict:
     from transformers import AutoConfig
 
@@ -138,9 +147,13 @@ def measure(
             i = next(counter)
             fsdp.step(random_batches(cfg, i), i)
 
+        meter = step_meter(device, fsdp.optimizer)
         try:
             t = run_steps(step, warmup, steps, device)
+            if breakdown:
+                row["breakdown"] = meter.timed_step(step)
         finally:
+            meter.restore()
             fsdp.close()
     tok = seq / t
     row.update(
@@ -170,6 +183,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument(
+        "--breakdown", action="store_true", help="time one more step by part (bench/meter.py step_meter)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     _, world = init_dist(args.device)
@@ -182,7 +198,15 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             row = measure(
-                args.model, spec, args.rank, {**switches, **overrides}, world, device, args.warmup, args.steps
+                args.model,
+                spec,
+                args.rank,
+                {**switches, **overrides},
+                world,
+                device,
+                args.warmup,
+                args.steps,
+                args.breakdown,
             )
         except Exception as e:  # an OOM or any failure: keep the other rows
             row = dict(kind=spec, error=describe_error(e))

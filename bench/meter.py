@@ -2,7 +2,7 @@
 
 The profiler failed inside cuDNN attention calls on the GPU image (IndexError, torch 2.11), and a
 profile's overhead distorts second-long steps anyway. A `StepMeter` wraps the attention kernels'
-forward/backward, the optimizer step and the chunked loss; while `timing` is on, each call is bracketed
+forward/backward, the optimizer step and the loss (`step_meter`); while `timing` is on, each call is bracketed
 by CUDA events (host clock on CPU) that are read only after the step's final synchronize, so the timed
 step runs unsynchronised like any other. What the wrappers do not cover (matmuls, norms, RoPE, FSDP
 and CP communication waits) is the remainder.
@@ -88,3 +88,19 @@ class StepMeter:
         out["step"] = start.elapsed_time(end)
         out["other"] = out["step"] - sum(v for k, v in out.items() if k != "step")
         return {f"{k}_ms": round(v, 1) for k, v in out.items()}
+
+
+def step_meter(device: torch.device, optimizer) -> StepMeter:
+    """A StepMeter on a training step's parts: attention kernels, the loss (whichever training.loss_impl:
+    the chunked loss's chunks with their backward recompute; the fused and liger losses compute their
+    gradients in the forward call that is timed) and `optimizer.step`. `restore()` when done."""
+    import models.causal_lm
+    import models.loss
+
+    meter = StepMeter(device)
+    meter.patch_kernels()
+    meter.patch(models.loss, "_chunk_loss", "loss")
+    meter.patch(models.causal_lm, "fused_cross_entropy_sum", "loss")
+    meter.patch(models.causal_lm, "liger_cross_entropy_sum", "loss")
+    meter.patch(optimizer, "step", "optimizer")
+    return meter

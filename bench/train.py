@@ -36,7 +36,7 @@ from bench.common import (
     sync,
     write_results,
 )
-from bench.meter import StepMeter
+from bench.meter import step_meter
 
 PEAK_BF16 = 989e12
 _LLAMA = dict(
@@ -278,12 +278,7 @@ def measure(
         step = peer_step_fn(cfg, world)
     else:
         step = longctx_step_fn(cfg, world, device)
-    import models.loss
-
-    meter = StepMeter(device)
-    meter.patch_kernels()
-    meter.patch(models.loss, "_chunk_loss", "loss")  # forward and its recompute in backward
-    meter.patch(step.optimizer, "step", "optimizer")
+    meter = step_meter(device, step.optimizer)
     gpu = device.type == "cuda"
     if gpu:
         torch.cuda.reset_peak_memory_stats()
