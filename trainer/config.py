@@ -159,7 +159,7 @@ class TrainingConfig:
     fp8: bool = False
     """FP8 matmuls (torchao float8 training, dynamic scaling) in the decoder's q/k/v/o and gate/up/down projections; the LM head and embeddings stay bf16. Hopper GPUs or later, parallel.engine=fsdp2, pip install -e .[fp8]."""
     fp8_recipe: str = "tensorwise"
-    """tensorwise (one scale per tensor; fastest, allows FP8 all-gather) | rowwise (one scale per row: more accurate, slower)."""
+    """tensorwise (one scale per tensor; allows FP8 all-gather; the faster in full fine-tuning) | rowwise (one scale per row: more accurate; the faster under LoRA, docs/fp8.md)."""
     fp8_all_gather: bool = True
     """With fp8_recipe=tensorwise: FSDP2 all-gathers the weights in FP8 (half the bytes of bf16), their scales computed once after each optimizer step."""
     init_timeout_min: float = 30.0
