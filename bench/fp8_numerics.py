@@ -6,7 +6,8 @@ bf16 control that differs from the bf16 run only by rounding.
 
 Each run is `train.py` itself (one rank via torchrun): the 1B shape of bench/train.py (16 layers, hidden
 2048, vocab 128256; random init), same seed, same data order, same schedule (AdamW 3e-4, 20 warm-up steps,
-cosine), bf16 compute + compile. Runs: `bf16`; `fp8` (training.fp8, the only change); `control` (bf16 with
+cosine), bf16 compute + compile. Runs: `bf16`; `fp8` (training.fp8, the only change; --recipes rowwise
+adds `fp8_rowwise`); `control` (bf16 with
 training.loss_impl=fused: the same maths with other bf16 rounding - how far two runs part when only rounding
 differs, the noise floor FP8 must be read against). seq_len is 8192 (not 64k) so the runs fit one device
 command; the FP8 matmuls are the same GEMM shapes per token at any length, only attention (not FP8) grows.
@@ -160,6 +161,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20, help="steps left out of the comparison")
     ap.add_argument("--corpus", default="fresh", choices=["fresh", "demo"], help="see the module docstring")
+    ap.add_argument(
+        "--recipes",
+        nargs="+",
+        default=["tensorwise"],
+        choices=["tensorwise", "rowwise"],
+        help="one FP8 run per training.fp8_recipe (rowwise: named fp8_rowwise)",
+    )
     ap.add_argument("--no-control", action="store_true", help="skip the bf16 rounding control run")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke run, fp8 off")
     ap.add_argument(
@@ -174,11 +182,11 @@ def main() -> None:
         data = fresh_corpus(os.path.join(work, "corpus.jsonl"), args.steps * args.batch * args.seq)
     else:
         data = "configs/demo/corpus.jsonl"
-    variants = {
-        "bf16": {},
-        "fp8": {"fp8": args.device == "cuda"},  # CPU: a second bf16 run (smoke test of the bench)
-        "control": {"loss_impl": "fused"},
-    }
+    variants: dict[str, dict] = {"bf16": {}}
+    for recipe in args.recipes:  # on CPU a second bf16 run (a smoke test of the bench)
+        name = "fp8" if recipe == "tensorwise" else f"fp8_{recipe}"
+        variants[name] = {"fp8": args.device == "cuda", "fp8_recipe": recipe}
+    variants["control"] = {"loss_impl": "fused"}
     if args.no_control:
         del variants["control"]
     curves, running = {}, []
