@@ -12,7 +12,6 @@ every layout gets the same weights). No collective is needed: every rank reads o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -54,12 +53,32 @@ def global_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", param.shape))
 
 
-class WeightSource(Protocol):
+class WeightSource:
+    """Where a stage's weights come from. `fill_stage` calls `check` once before anything is read, then
+    `fill_all` with every module that owns parameters, then `close`. A source implements `fill`; the
+    others default to: check = nothing `missing`, fill_all = `fill` module by module, close = nothing."""
+
+    def missing(self, shapes: Mapping[str, Sequence[int]]) -> list[str]:
+        """The names of what this source lacks for the parameters `shapes` (name -> global shape)."""
+        return []
+
+    def check(self, stage: nn.Module) -> None:
+        """Every rank, before reading: raises ValueError naming the first few parameters the source lacks."""
+        report_missing(self.missing({n: global_shape(p) for n, p in stage.named_parameters()}))
+
     def fill(self, module_fqn: str, module: nn.Module, params: dict[str, torch.Tensor]) -> None:
         """Write the values of `params` (this module's own, by local name) into their local shards."""
+        raise NotImplementedError
+
+    def fill_all(self, modules: list[tuple[str, nn.Module, dict[str, torch.Tensor]]]) -> None:
+        for module_fqn, module, params in modules:
+            self.fill(module_fqn, module, params)
+
+    def close(self) -> None:
+        pass
 
 
-class RandomInit:
+class RandomInit(WeightSource):
     """The family's `_init_weights`, one module's full tensors at a time on `device`, seeded per module."""
 
     def __init__(self, hf_model: nn.Module, seed: int, device: torch.device):
@@ -83,7 +102,7 @@ class RandomInit:
         del full
 
 
-class CheckpointFill:
+class CheckpointFill(WeightSource):
     """Blocks read from an HF safetensors checkpoint; `check` reports every parameter it lacks before
     anything is read. `experts` (the family's, models/expert_layout.py): fused expert parameters that a
     checkpoint may store per expert; each rank then reads the rows of the expert tensors its block covers."""
@@ -104,10 +123,6 @@ class CheckpointFill:
             if part_key(prefix, 0, spec.parts[0]) in self.ckpt:
                 return prefix, spec
         return found[0] if found else None
-
-    def check(self, stage: nn.Module) -> None:
-        """Every rank, before reading: each parameter has a checkpoint tensor (or a fallback)."""
-        report_missing(self.missing({n: global_shape(p) for n, p in stage.named_parameters()}))
 
     def missing(self, shapes: Mapping[str, Sequence[int]]) -> list[str]:
         """The checkpoint tensors that the parameters `shapes` (name -> global shape) need and that the
@@ -163,10 +178,9 @@ def report_missing(missing: list[str], what: str = "the checkpoint") -> None:
 
 def fill_stage(stage: nn.Module, source: WeightSource) -> None:
     """Visit every module that owns parameters (a tied parameter once, under its first name) and let
-    `source` fill them - all at once when it can (`fill_all`: one batched checkpoint read). Persistent
-    buffers are not supported (Llama-family models have none)."""
-    if hasattr(source, "check"):
-        source.check(stage)
+    `source` fill them, all in one `fill_all` (a checkpoint's: one batched read). Persistent buffers are
+    not supported (Llama-family models have none)."""
+    source.check(stage)
     seen: set[int] = set()
     modules = []
     for module_fqn, module in stage.named_modules():
@@ -179,11 +193,6 @@ def fill_stage(stage: nn.Module, source: WeightSource) -> None:
             modules.append((module_fqn, module, params))
     with torch.no_grad():
         try:
-            if hasattr(source, "fill_all"):
-                source.fill_all(modules)
-            else:
-                for module_fqn, module, params in modules:
-                    source.fill(module_fqn, module, params)
+            source.fill_all(modules)
         finally:
-            if hasattr(source, "close"):
-                source.close()
+            source.close()

@@ -70,7 +70,7 @@ class ZeroInitBuild:
         fill_stage(stage, _Gathered(source, self.deepspeed, dist.get_rank(self.group)))
 
 
-class _Gathered:
+class _Gathered(WeightSource):
     """Runs `inner.fill` on rank 0 with the module's parameters gathered whole; DeepSpeed broadcasts and
     re-partitions them when the context exits."""
 
@@ -83,9 +83,7 @@ class _Gathered:
                 self.inner.fill(module_fqn, module, params)
 
     def check(self, stage: nn.Module) -> None:
-        if hasattr(self.inner, "check"):
-            self.inner.check(stage)
+        self.inner.check(stage)
 
     def close(self) -> None:
-        if hasattr(self.inner, "close"):
-            self.inner.close()
+        self.inner.close()

@@ -18,7 +18,7 @@ from models.safetensors_io import SafetensorsCheckpoint
 from parallel.load import WeightSource, global_shape, local_block, report_missing
 
 
-class LoraFill:
+class LoraFill(WeightSource):
     """The `WeightSource` of a LoRA stage: adapter weights from the adapter file or peft's init, every other
     parameter from `base` (the base model's source) under its HF name (`q_proj.base_layer` -> `q_proj`)."""
 
@@ -33,12 +33,11 @@ class LoraFill:
         adapter weight of this stage (raises ValueError naming the first few missing)."""
         shapes = {clean_fqn(n): global_shape(p) for n, p in stage.named_parameters()}
         names = list(shapes)
-        if hasattr(self.base, "missing"):
-            report_missing(
-                self.base.missing(
-                    {lora.base_name(n): s for n, s in shapes.items() if not lora.is_adapter_param(n)}
-                )
+        report_missing(
+            self.base.missing(
+                {lora.base_name(n): s for n, s in shapes.items() if not lora.is_adapter_param(n)}
             )
+        )
         if self.adapter is not None:
             lacking = [
                 n for n in names if lora.is_adapter_param(n) and lora.to_peft_key(n) not in self.adapter
@@ -74,16 +73,12 @@ class LoraFill:
                 base.append((lora.base_module_name(name), module, params))
             else:
                 self.fill(module_fqn, module, params)
-        if hasattr(self.base, "fill_all"):
-            self.base.fill_all(base)
-        else:
-            for item in base:
-                self.base.fill(*item)
+        self.base.fill_all(base)
 
     def close(self) -> None:
-        for source in (self.base, self.adapter):
-            if hasattr(source, "close"):
-                source.close()
+        self.base.close()
+        if self.adapter is not None:
+            self.adapter.close()
 
 
 def lora_stage_options(spec: lora.LoraSpec, base_dtype: torch.dtype) -> dict[str, Any]:
