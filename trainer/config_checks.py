@@ -29,7 +29,7 @@ _CHOICES = {
     "parallel.cp_layout": ("zigzag", "contiguous"),
     "parallel.cp_accum": ("float32", "input"),
     "parallel.pp_schedule": ("1F1B", "GPipe"),
-    "parallel.activation_checkpointing": ("none", "full", "selective", "full_keep_attn"),
+    "parallel.activation_checkpointing": ("none", "full", "selective", "full_keep_attn", "auto"),
     "training.device": ("auto", "cpu", "cuda"),
     "training.loss_impl": ("chunked", "fused", "liger"),
     "training.fp8_recipe": ("tensorwise", "rowwise"),

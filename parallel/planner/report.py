@@ -258,7 +258,13 @@ def _load_line(row: PlanRow, cfg: Any) -> str:
 
 
 def plan_main(cfg: Any, world_size: int, hf_config: Any) -> int:
-    """`train.py --plan`: print the ranked layouts for `world_size` GPUs; no process group. Returns 0."""
+    """`train.py --plan`: print the ranked layouts for `world_size` GPUs; no process group. Returns 0.
+    With activation_checkpointing=auto the table is for the mode the run would choose."""
+    from parallel.planner.auto import resolve_checkpointing  # auto.py builds on this module
+
+    if cfg.parallel.activation_checkpointing == "auto":
+        cfg = resolve_checkpointing(cfg, world_size, hf_config)
+        print(f"activation_checkpointing=auto: {cfg.parallel.activation_checkpointing}", flush=True)
     _, _, calib = planner_settings(cfg)
     rates = load_rates(calib)
     rows = plan_rows(cfg, world_size, hf_config, rates=rates)
