@@ -86,7 +86,7 @@ def resolve_checkpointing(cfg: Any, world_size: int, hf_config: Any) -> Any:
         least, mode = min(smallest, key=lambda o: o[0].memory.total)
         raise ConfigError(
             "parallel.activation_checkpointing",
-            f"auto: no checkpointing mode fits in {AC_HEADROOM:.0%} of {least.limit_bytes / GIB:.0f} GiB/GPU "
+            f"auto: no checkpointing mode fits in {AC_HEADROOM:.0%} of {least.limit_bytes / GIB:.3g} GiB/GPU "
             f"({mode} needs {least.memory.total_gib:.1f} GiB); try a shorter seq_len, more GPUs, "
             "parallel.ac_group / activation_offload with activation_checkpointing=full, or "
             "parallel.device_memory_gib for a larger GPU",
