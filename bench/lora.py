@@ -37,7 +37,7 @@ from bench.common import (
     write_results,
 )
 from bench.meter import step_meter
-from bench.train import PEAK_BF16, EngineRow, make_config, parse_variant, run_steps
+from bench.train import PEAK_BF16, EngineRow, make_config, parse_variant, profile_step, run_steps
 
 SWITCHES = "parallel.ac_group=4,parallel.activation_offload=true,parallel.mlp_chunks=8"
 COLUMNS = [
@@ -119,6 +119,7 @@ def measure(
     warmup: int,
     steps: int,
     breakdown: bool = False,
+    profile: str | None = None,
 ) -> dict:
     from transformers import AutoConfig
 
@@ -152,6 +153,8 @@ def measure(
             t = run_steps(step, warmup, steps, device)
             if breakdown:
                 row["breakdown"] = meter.timed_step(step)
+            if profile:
+                profile_step(step, profile, f"{model} {spec} {switches}")
         finally:
             meter.restore()
             fsdp.close()
@@ -186,6 +189,9 @@ def main() -> None:
     ap.add_argument(
         "--breakdown", action="store_true", help="time one more step by part (bench/meter.py step_meter)"
     )
+    ap.add_argument(
+        "--profile", default=None, help="file: profile one extra step per row, append its kernel time by part"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     _, world = init_dist(args.device)
@@ -207,6 +213,7 @@ def main() -> None:
                 args.warmup,
                 args.steps,
                 args.breakdown,
+                args.profile,
             )
         except Exception as e:  # an OOM or any failure: keep the other rows
             row = dict(kind=spec, error=describe_error(e))

@@ -104,3 +104,31 @@ def step_meter(device: torch.device, optimizer) -> StepMeter:
     meter.patch(models.causal_lm, "liger_cross_entropy_sum", "loss")
     meter.patch(optimizer, "step", "optimizer")
     return meter
+
+
+# Kernel name fragments -> the part of the step a GPU kernel belongs to (first match wins; lower case).
+KERNEL_PARTS = (
+    ("attention", ("fmha", "flash", "cudnn", "sdpa", "attn")),
+    ("fp8 matmul", ("e4m3", "e5m2", "f8f8", "fp8", "nvjet_qq")),  # nvjet_qq*: cuBLAS' FP8 (qq) kernels
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("communication", ("nccl", "gloo")),
+    ("copies", ("memcpy", "memset")),
+    ("fused elementwise (compiled)", ("triton",)),
+)
+
+
+def kernel_part(name: str) -> str:
+    low = name.lower()
+    return next((part for part, keys in KERNEL_PARTS if any(k in low for k in keys)), "other")
+
+
+def parts_table(times_us: dict[str, float]) -> str:
+    """Markdown table of kernel time by `kernel_part`, from {kernel name: self time in us}."""
+    parts: dict[str, float] = defaultdict(float)
+    for name, us in times_us.items():
+        parts[kernel_part(name)] += us
+    total = sum(parts.values()) or 1.0
+    rows = sorted(parts.items(), key=lambda kv: -kv[1])
+    lines = ["| part | ms | share |", "|---|---|---|"]
+    lines += [f"| {part} | {us / 1e3:.1f} | {us / total:.1%} |" for part, us in rows]
+    return "\n".join(lines) + "\n"

@@ -36,7 +36,7 @@ from bench.common import (
     sync,
     write_results,
 )
-from bench.meter import step_meter
+from bench.meter import parts_table, step_meter
 
 PEAK_BF16 = 989e12
 _LLAMA = dict(
@@ -308,7 +308,8 @@ def measure(
 
 
 def profile_step(step, path: str, title: str) -> None:
-    """One more step under torch.profiler; rank 0 appends the top GPU kernels by total time to `path`."""
+    """One more step under torch.profiler; rank 0 appends to `path` its kernel time by part of the step
+    (bench/meter.parts_table) and the top GPU kernels by total time."""
     from torch.profiler import ProfilerActivity, profile
 
     gpu = torch.cuda.is_available()
@@ -318,11 +319,10 @@ def profile_step(step, path: str, title: str) -> None:
             step()
             if gpu:
                 torch.cuda.synchronize()
-        table = prof.key_averages().table(
-            sort_by="self_device_time_total" if gpu else "self_cpu_time_total",
-            row_limit=40,
-            max_name_column_width=70,
-        )
+        events = prof.key_averages()
+        own = "self_device_time_total" if gpu else "self_cpu_time_total"
+        table = parts_table({e.key: getattr(e, own) for e in events}) + "\n"
+        table += events.table(sort_by=own, row_limit=40, max_name_column_width=70)
     except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the row its timings
         table = f"profile failed: {describe_error(e)}\n"
     if dist.get_rank() == 0:

@@ -217,3 +217,23 @@ def test_planner_validation_variant_rows(tmp_path):
         "measured order ['1b ring 64k ac=full_keep_attn base', '1b ring 64k ac=full_keep_attn compile']"
         in out.stdout
     )
+
+
+def test_profile_parts_sort_gpu_kernels():
+    """bench/meter.parts_table attributes kernels (names as the H200 profile prints them) to the parts of
+    the step, and its shares add up."""
+    from bench.meter import kernel_part, parts_table
+
+    names = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0": "attention",
+        "sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n_tilesize128x128x128_warpgroupsize1x1x1": "fp8 matmul",
+        "nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNN": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "matmul",
+        "triton_red_fused__to_copy_abs_amax_clamp_0": "fused elementwise (compiled)",
+        "ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
+        "Memcpy DtoD (Device -> Device)": "copies",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "other",
+    }
+    assert {n: kernel_part(n) for n in names} == names
+    table = parts_table({n: 1000.0 for n in names})
+    assert "| matmul | 2.0 | 25.0% |" in table and "| attention | 1.0 | 12.5% |" in table
