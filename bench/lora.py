@@ -13,6 +13,8 @@ of a full-depth step that would outlast the device's command limit). Every row i
 --set (default: full checkpointing in groups of 4 layers, their inputs offloaded to the host, MLPs in 8
 tiles); each --variant adds its overrides on top, one row per row x variant. Peak host memory is this process's resident set, sampled every 0.2 s during the row. The planner
 columns are parallel/planner's prediction for the same row and layout (--device-memory-gib decides `fits`).
+--breakdown times one more step by part (bench/meter.py); --profile FILE appends one more step's kernel time
+by part and its top GPU kernels (torch.profiler) to FILE.
 """
 
 from __future__ import annotations
