@@ -66,11 +66,14 @@ LAYOUTS = [
     (dict(cp=4), dict(seq_len=36), {}),  # 36 tokens are not 8 zigzag chunks
     (dict(tp=4, sequence_parallel=True), dict(seq_len=66), {}),
     (dict(cp=2), {}, dict(attn_kernel="cudnn")),  # a CUDA kernel on a CPU run
+    (dict(cp=2, activation_checkpointing="auto"), {}, {}),  # the planner picks the mode
+    (dict(activation_checkpointing="auto", device_memory_gib=1e-4), {}, {}),  # and finds that none fits
 ]
 FULL_BUILDS = {  # accepted layouts the workers build whole (model, parallelisms, optimizer, data)
     ("gqa", 4),
     ("gqa", 8),
     ("q6", 11),
+    ("gqa", 19),
 }
 
 
@@ -150,7 +153,8 @@ def _dry_run(cfg) -> str:
 
 
 def _planner(cfg) -> str | None:
-    """The planner's reason for cfg's layout (None when the planner does not size it: world or kernel)."""
+    """The planner's reason for cfg's layout (None when the planner does not size it: world, kernel or a
+    device memory limit)."""
     from parallel.dims import ConfigError, ParallelDims
     from parallel.planner.enumerate import Layout, check_layout
     from parallel.shape import ModelShape
@@ -161,7 +165,7 @@ def _planner(cfg) -> str | None:
         dims = ParallelDims.from_config(p, WORLD)
     except ConfigError:
         return None
-    if cfg.model.attn_kernel != "auto":
+    if cfg.model.attn_kernel != "auto" or p.device_memory_gib is not None:
         return None
     layout = Layout(dims.dp, dims.tp, dims.pp, dims.cp, dims.ulysses, p.cp_layout if dims.cp > 1 else None)
     cand = check_layout(
@@ -207,12 +211,13 @@ def test_dry_run_accepts_exactly_what_the_trainer_accepts(tmp_path):
         ("gqa", 17): "training.seq_len: tokens per cp rank (66/1 = 66) must be divisible by tp=4",
         ("gqa", 18): "model.attn_kernel: attention kernel 'cudnn' runs on cuda, not cpu",
         ("window", 0): "model.config.sliding_window: sliding-window attention (32 tokens)",
+        ("gqa", 20): "parallel.activation_checkpointing: auto: no checkpointing mode fits",
         ("small_vocab", 0): "model.config.vocab_size: the tokenizer 'configs/demo/tokenizer' has 695 tokens "
         "but the model's embedding has vocab_size=600 rows",
     }
     for case, start in expect.items():
         assert trainer[case].startswith(start), (case, trainer[case])
-    assert trainer[("gqa", 4)] == trainer[("q6", 11)] == "OK"
+    assert trainer[("gqa", 4)] == trainer[("q6", 11)] == trainer[("gqa", 19)] == "OK"
     assert sum(v == "OK" for v in trainer.values()) >= 20
 
 
