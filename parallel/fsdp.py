@@ -37,7 +37,17 @@ def apply_fsdp(
 def fp8_scale_hook(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
     """With FP8 all-gather (training.fp8, tensorwise): after every optimizer step, compute the FP8 scales
     of all sharded weights at once - one foreach amax and one all-reduce - instead of one all-reduce per
-    weight inside each layer's all-gather (torchao's `precompute_float8_dynamic_scale_for_fsdp`)."""
+    weight inside each layer's all-gather (torchao's `precompute_float8_dynamic_scale_for_fsdp`). When no
+    FP8 weight trains (a LoRA base) their scales never change: computed after the first step, then the
+    hook removes itself (the first step's all-gathers compute them, as always before any hook ran)."""
     from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+    from torchao.float8.float8_linear import Float8Linear
 
-    optimizer.register_step_post_hook(lambda *_: precompute_float8_dynamic_scale_for_fsdp(model))
+    trains = any(m.weight.requires_grad for m in model.modules() if isinstance(m, Float8Linear))
+
+    def hook(*_) -> None:
+        precompute_float8_dynamic_scale_for_fsdp(model)
+        if not trains:
+            handle.remove()
+
+    handle = optimizer.register_step_post_hook(hook)

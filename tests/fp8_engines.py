@@ -136,3 +136,42 @@ def grad_errors(res: dict) -> dict[str, float]:
         for name, got in res.items()
         if name != "no-fp8"
     }
+
+
+def scale_hooks(rank: int, world: int) -> dict:
+    """Rank function: with FP8 all-gather, how many optimizer post-step hooks remain after each of 2 steps,
+    and whether every FP8 weight then holds a precomputed scale - for full fine-tuning (the scales follow
+    every update) and for LoRA (frozen FP8 weights: computed once, then the hook is gone)."""
+    from transformers import AutoConfig
+
+    from bench.common import random_batches
+    from bench.train import EngineRow
+    from parallel.dims import ParallelDims
+    from trainer.config import build_config
+    from trainer.training_kind import training_kind
+
+    out = {}
+    for name, extra in (("full", {}), ("lora", {"lora.r": 4})):
+        raw = {
+            "model": {"config": dict(MODEL), "dtype": "bfloat16"},
+            "training": {"seq_len": 128, "steps": 2, "device": "cpu"},
+            "data": {"doc_mask": False},
+        }
+        cfg = build_config(raw, {"training.fp8": True, "training.fp8_all_gather": True, **extra})
+        fields = dict(cfg.model.config)
+        kind = training_kind(cfg, AutoConfig.for_model(fields.pop("model_type"), **fields))
+        dims = ParallelDims.from_config(cfg.parallel, world)
+        row = EngineRow(cfg, dims.build_mesh("cpu"), dims, torch.device("cpu"), kind)
+        hooks = []
+        for i in range(2):
+            row.step(random_batches(cfg, i), i)
+            hooks.append(len(row.optimizer._optimizer_step_post_hooks))
+        weights = [
+            p
+            for n, p in row.engine.stage.named_parameters()
+            if n.endswith("_proj.weight") or "base_layer.weight" in n
+        ]
+        scaled = [getattr(p._local_tensor, "_precomputed_scale", None) is not None for p in weights]
+        out[name] = dict(hooks=hooks, weights=len(weights), scaled=all(scaled))
+        row.close()
+    return out

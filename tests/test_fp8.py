@@ -316,3 +316,12 @@ def test_fp8_engine_one_rank_all_gather_and_grads():
     print("largest gradient difference from no-fp8:", fp8_engines.grad_errors(res[0]))
     bad = fp8_engines.check(res[0], loss_tol=2e-3, grad_tol=0.25)
     assert not bad, bad
+
+
+@needs_torchao
+def test_fp8_scale_hook_once_for_frozen_weights():
+    """FP8 all-gather's scale hook: kept for full fine-tuning, gone after the first step under LoRA (its FP8
+    weights are frozen, so their scales are final); both leave a precomputed scale on every FP8 weight."""
+    res = run_distributed(fp8_engines.scale_hooks, 1, timeout=600)[0]
+    assert res["full"]["hooks"] == [1, 1] and res["lora"]["hooks"] == [0, 0], res
+    assert all(r["weights"] == fp8_engines.PROJECTIONS and r["scaled"] for r in res.values()), res

@@ -161,7 +161,7 @@ class TrainingConfig:
     fp8_recipe: str = "tensorwise"
     """tensorwise (one scale per tensor; allows FP8 all-gather; the faster in full fine-tuning) | rowwise (one scale per row: more accurate; the faster under LoRA, docs/fp8.md)."""
     fp8_all_gather: bool = True
-    """With fp8_recipe=tensorwise: FSDP2 all-gathers the weights in FP8 (half the bytes of bf16), their scales computed once after each optimizer step."""
+    """With fp8_recipe=tensorwise: FSDP2 all-gathers the weights in FP8 (half the bytes of bf16), their scales computed once after each optimizer step (after the first only under LoRA: frozen weights)."""
     init_timeout_min: float = 30.0
     """Process-group timeout (minutes) while ranks start, load the model and wait for tokenisation."""
     step_timeout_min: float = 10.0
