@@ -94,6 +94,9 @@ def test_auto_checkpointing_picks_the_fastest_mode_that_fits():
     both = dataclasses.replace(base, parallel=dataclasses.replace(base.parallel, auto=True))
     p = resolve_auto(both, 2, hf_of(both)).parallel
     assert p.activation_checkpointing == "none" and not p.auto and p.dp * p.cp == 2
+    # Offload is for checkpoints: with it, auto keeps every layer checkpointed.
+    off = dataclasses.replace(base, parallel=dataclasses.replace(base.parallel, activation_offload=True))
+    assert resolve_auto(off, 1, hf_of(off)).parallel.activation_checkpointing == "full_keep_attn"
     # Groups of checkpointed layers need a concrete full; the dry run resolves auto like the launch.
     with pytest.raises(ConfigError) as info:
         config(llama_1b, 65536, ac="auto", ac_group=2)

@@ -13,8 +13,11 @@ from parallel.planner.report import PlanRow, current_layout, overrides_for, plan
 
 log = logging.getLogger(__name__)
 
-# activation_checkpointing=auto chooses among these (parallel/ac.py MODES).
+# activation_checkpointing=auto chooses among these (parallel/ac.py MODES) - with activation_offload only
+# among the fully checkpointed ones: offload is for the checkpoints (without them every saved tensor would
+# cross PCIe and wait in host memory, which the planner's step time does not price).
 AC_CHOICES = ("none", "full_keep_attn", "selective", "full")
+AC_CHOICES_OFFLOAD = ("full_keep_attn", "full")
 # ... and only among modes predicted to use at most this share of the device: an out-of-memory error
 # surfaces after the model is built and compiled, and the planner's peaks were within ~5% of measured ones.
 AC_HEADROOM = 0.9
@@ -69,12 +72,13 @@ def _mode_rows(cfg: Any, world_size: int, hf_config: Any) -> tuple[PlanRow | Non
 
 
 def resolve_checkpointing(cfg: Any, world_size: int, hf_config: Any) -> Any:
-    """activation_checkpointing=auto: the mode of AC_CHOICES the planner predicts fastest among those that
+    """activation_checkpointing=auto: the mode of AC_CHOICES (AC_CHOICES_OFFLOAD with activation_offload)
+    the planner predicts fastest among those that
     fit in AC_HEADROOM of the device memory, for the layout cfg asks for (each mode's best layout when that
     is auto too). Raises a one-line ConfigError when none fits; an invalid layout gets `full` here and its
     own error from the layout checks that follow."""
     options, smallest = [], []
-    for mode in AC_CHOICES:
+    for mode in AC_CHOICES_OFFLOAD if cfg.parallel.activation_offload else AC_CHOICES:
         run, least = _mode_rows(_with_checkpointing(cfg, mode), world_size, hf_config)
         if run is not None:
             options.append((run, mode))
