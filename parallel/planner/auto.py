@@ -73,9 +73,8 @@ def _mode_rows(cfg: Any, world_size: int, hf_config: Any) -> tuple[PlanRow | Non
 
 def resolve_checkpointing(cfg: Any, world_size: int, hf_config: Any) -> Any:
     """activation_checkpointing=auto: the mode of AC_CHOICES (AC_CHOICES_OFFLOAD with activation_offload)
-    the planner predicts fastest among those that
-    fit in AC_HEADROOM of the device memory, for the layout cfg asks for (each mode's best layout when that
-    is auto too). Raises a one-line ConfigError when none fits; an invalid layout gets `full` here and its
+    the planner predicts fastest among those that fit in AC_HEADROOM of the device memory, for the layout
+    cfg asks for (each mode's best layout when that is auto too). Raises a one-line ConfigError when none fits; an invalid layout gets `full` here and its
     own error from the layout checks that follow."""
     options, smallest = [], []
     for mode in AC_CHOICES_OFFLOAD if cfg.parallel.activation_offload else AC_CHOICES:
