@@ -109,7 +109,7 @@ class ParallelConfig:
     pp_microbatches: int | None = None
     """Microbatches per pipeline step; default = pp."""
     activation_checkpointing: str = "none"
-    """none | full | selective (every other layer) | full_keep_attn (full, but attention outputs are kept, not recomputed) | auto (the planner picks the fastest of these predicted to fit in 90% of parallel.device_memory_gib; docs/parallelism.md)."""
+    """none | full | selective (every other layer) | full_keep_attn (full, but attention outputs are kept, not recomputed) | auto (the planner picks the fastest of these predicted to fit in 90% of parallel.device_memory_gib - with activation_offload, full_keep_attn or full; docs/parallelism.md)."""
     cp_accum: str = "float32"
     """float32 | input: dtype of the ring's partial-output and dq/dk/dv accumulators. input (bf16) halves them - 8 GiB each at 512k tokens per GPU for an 8B model - at one extra rounding per ring step; the merge math stays float32."""
     ac_group: int = 1
