@@ -30,13 +30,14 @@ second half of the run, and each run's median tokens/s. The issue's target: with
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
+from typing import IO
 
 import yaml
 
@@ -101,7 +102,17 @@ def run_config(
     }
 
 
-def start(cfg: dict, work: str, name: str) -> subprocess.Popen:
+@dataclass
+class Run:
+    """One `train.py` process of `start`."""
+
+    name: str
+    proc: subprocess.Popen
+    log: IO[str]
+    out_dir: str
+
+
+def start(cfg: dict, work: str, name: str) -> Run:
     """Launch `train.py` on `cfg` (one rank via torchrun); its output goes to <work>/<name>.log."""
     path = os.path.join(work, f"{name}.yaml")
     with open(path, "w", encoding="utf-8") as f:
@@ -111,21 +122,20 @@ def start(cfg: dict, work: str, name: str) -> subprocess.Popen:
     cmd += ["train.py", "--config", path]
     log = open(os.path.join(work, f"{name}.log"), "w", encoding="utf-8")  # noqa: SIM115 - closed in finish
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-    proc.log, proc.name, proc.out_dir = log, name, cfg["output_dir"]
-    return proc
+    return Run(name, proc, log, cfg["output_dir"])
 
 
-def finish(proc: subprocess.Popen) -> list[dict]:
+def finish(run: Run) -> list[dict]:
     """Wait for a run of `start`; its logged steps (the rows of metrics.jsonl that carry a loss)."""
-    code = proc.wait()
-    proc.log.close()
+    code = run.proc.wait()
+    run.log.close()
     if code != 0:
-        with open(proc.log.name, encoding="utf-8") as f:
+        with open(run.log.name, encoding="utf-8") as f:
             tail = f.read()[-4000:]
-        raise RuntimeError(f"{proc.name} run failed (exit {code}):\n{tail}")
-    with open(os.path.join(proc.out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        raise RuntimeError(f"{run.name} run failed (exit {code}):\n{tail}")
+    with open(os.path.join(run.out_dir, "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    shutil.rmtree(proc.out_dir, ignore_errors=True)  # the final checkpoint (~15 GB at 1B) is not needed
+    shutil.rmtree(run.out_dir, ignore_errors=True)  # the final checkpoint (~15 GB at 1B) is not needed
     return [r for r in rows if r.get("loss") is not None]
 
 
@@ -186,9 +196,8 @@ def main() -> None:
     for recipe in args.recipes:  # on CPU a second bf16 run (a smoke test of the bench)
         name = "fp8" if recipe == "tensorwise" else f"fp8_{recipe}"
         variants[name] = {"fp8": args.device == "cuda", "fp8_recipe": recipe}
-    variants["control"] = {"loss_impl": "fused"}
-    if args.no_control:
-        del variants["control"]
+    if not args.no_control:
+        variants["control"] = {"loss_impl": "fused"}
     curves, running = {}, []
     for name, overrides in variants.items():
         cfg = run_config(
@@ -204,8 +213,8 @@ def main() -> None:
         running.append(start(cfg, work, name))
         if not args.concurrent:
             curves[name] = finish(running.pop())
-    for proc in running:
-        curves[proc.name] = finish(proc)
+    for run in running:
+        curves[run.name] = finish(run)
     shutil.rmtree(work, ignore_errors=True)
     loss = {k: [r["loss"] for r in rows] for k, rows in curves.items()}
     summary = {}
@@ -219,7 +228,11 @@ def main() -> None:
         summary[f"{name}_tokens_per_s_median"] = tps[len(tps) // 2] if tps else None
         summary[f"{name}_peak_mem_gib"] = max((r.get("peak_mem_gib") or 0.0) for r in rows)
         summary[f"{name}_final_loss"] = loss[name][-1]
-    meta = dict(date=datetime.date.today().isoformat(), args=vars(args))
+    import torch
+
+    from bench.common import run_meta
+
+    meta = run_meta(args, torch.device(args.device))  # after the runs: this process touches the GPU last
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:

@@ -32,7 +32,6 @@ class LoraFill(WeightSource):
         """Before anything is read: the base checkpoint holds every base weight, the adapter file every
         adapter weight of this stage (raises ValueError naming the first few missing)."""
         shapes = {clean_fqn(n): global_shape(p) for n, p in stage.named_parameters()}
-        names = list(shapes)
         report_missing(
             self.base.missing(
                 {lora.base_name(n): s for n, s in shapes.items() if not lora.is_adapter_param(n)}
@@ -40,7 +39,7 @@ class LoraFill(WeightSource):
         )
         if self.adapter is not None:
             lacking = [
-                n for n in names if lora.is_adapter_param(n) and lora.to_peft_key(n) not in self.adapter
+                n for n in shapes if lora.is_adapter_param(n) and lora.to_peft_key(n) not in self.adapter
             ]
             report_missing(lacking, f"the adapter {self.adapter_dir}")
 

@@ -2,9 +2,8 @@
 
 A training kind is the small interface the trainer calls at the points where the two differ - how the
 meta-device build is changed, its FLOPs per token, what the run exports - so the loop itself has no LoRA
-branches. The
-engine's optimizer, grad norm and clipping act on the parameters that require grad, and checkpoints hold
-only those where some are frozen (trainer/checkpoint_state.py).
+branches. The engine's optimizer, grad norm and clipping act on the parameters that require grad, and
+checkpoints hold only those where some are frozen (trainer/checkpoint_state.py).
 """
 
 from __future__ import annotations
