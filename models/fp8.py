@@ -73,21 +73,49 @@ def float8_config(recipe: str, fsdp_all_gather: bool):
     return Float8LinearConfig.from_recipe_name("rowwise")
 
 
-def convert_projections(layers: list[nn.Module], recipe: str, fsdp_all_gather: bool = False) -> list[str]:
+def convert_projections(
+    layers: list[nn.Module], recipe: str, fsdp_all_gather: bool = False, cache_frozen: bool = False
+) -> list[str]:
     """Swap the projections of each decoder layer for torchao Float8Linear in place; returns the converted
     names (relative to their layer, e.g. `self_attn.q_proj`). Call before TP shards the layers: TP's
-    input/output hooks live on the module instance, which the swap replaces."""
+    input/output hooks live on the module instance, which the swap replaces. `cache_frozen`: a projection
+    whose weight does not train becomes a FrozenFloat8Linear (models/fp8_frozen.py), which casts its weight
+    once when `cache_frozen_weights` runs - only for weights no rank shares (no TP, no FSDP sharding)."""
     from torchao.float8 import convert_to_float8_training
 
     config = float8_config(recipe, fsdp_all_gather)
+    frozen_config = float8_config(recipe, fsdp_all_gather=False)  # the cache replaces the FP8 all-gather
+    if cache_frozen:
+        from models.fp8_frozen import FrozenFloat8Linear, cacheable
+
+        cache_frozen = cacheable(frozen_config)
     converted: list[str] = []
     for layer in layers:
+        frozen: list[str] = []
 
-        def keep(module: nn.Module, fqn: str, converted=converted) -> bool:
-            ok = is_projection(module, fqn)
-            if ok:
-                converted.append(fqn)
-            return ok
+        def keep(module: nn.Module, fqn: str, converted=converted, frozen=frozen) -> bool:
+            if not is_projection(module, fqn):
+                return False
+            converted.append(fqn)
+            if cache_frozen and not module.weight.requires_grad:
+                frozen.append(fqn)
+                return False  # swapped below, as its own class
+            return True
 
         convert_to_float8_training(layer, module_filter_fn=keep, config=config)
+        for fqn in frozen:
+            parent, _, leaf = fqn.rpartition(".")
+            owner = layer.get_submodule(parent)
+            setattr(owner, leaf, FrozenFloat8Linear.from_float(getattr(owner, leaf), config=frozen_config))
     return converted
+
+
+def cache_frozen_weights(model: nn.Module, dtype) -> int:
+    """Cast every FrozenFloat8Linear's weight to FP8 once (call after the weights hold their values);
+    returns how many. `dtype`: the compute dtype the forward would cast them from."""
+    from models.fp8_frozen import FrozenFloat8Linear
+
+    modules = [m for m in model.modules() if isinstance(m, FrozenFloat8Linear)]
+    for m in modules:
+        m.cache_weight(dtype)
+    return len(modules)

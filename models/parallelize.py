@@ -37,7 +37,9 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
     family = FAMILIES[stage.config.model_type]
     layers = list(stage.model.layers.values())
     if getattr(cfg.training, "fp8", False):
-        converted = convert_projections(layers, cfg.training.fp8_recipe, fp8_all_gather(cfg))
+        converted = convert_projections(
+            layers, cfg.training.fp8_recipe, fp8_all_gather(cfg), fp8_cache_frozen(cfg, dims)
+        )
         log.info("fp8: %d projections in FP8 (%s scaling)", len(converted), cfg.training.fp8_recipe)
     if dims.tp > 1:
         tp_mesh = sub_mesh(mesh, "tp")
@@ -91,6 +93,12 @@ def fp8_all_gather(cfg) -> bool:
         and t.fp8_all_gather
         and getattr(cfg.parallel, "engine", "fsdp2") == "fsdp2"
     )
+
+
+def fp8_cache_frozen(cfg, dims: ParallelDims) -> bool:
+    """Frozen FP8 weights are cast once (training.fp8_cache_frozen) when each rank holds them whole."""
+    whole = dims.tp == 1 and dims.dp_shard * dims.cp == 1
+    return bool(getattr(cfg.training, "fp8", False)) and cfg.training.fp8_cache_frozen and whole
 
 
 def _hsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:

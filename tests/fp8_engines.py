@@ -141,7 +141,9 @@ def grad_errors(res: dict) -> dict[str, float]:
 def scale_hooks(rank: int, world: int) -> dict:
     """Rank function: with FP8 all-gather, how many optimizer post-step hooks remain after each of 2 steps,
     and whether every FP8 weight then holds a precomputed scale - for full fine-tuning (the scales follow
-    every update) and for LoRA (frozen FP8 weights: computed once, then the hook is gone)."""
+    every update) and for LoRA (frozen FP8 weights: computed once, then the hook is gone; the cast-once
+    cache off). Then ("cache") LoRA without and with the cache: how many modules hold a cached FP8 weight
+    and the 2 steps' losses under each recipe."""
     from transformers import AutoConfig
 
     from bench.common import random_batches
@@ -150,18 +152,25 @@ def scale_hooks(rank: int, world: int) -> dict:
     from trainer.config import build_config
     from trainer.training_kind import training_kind
 
-    out = {}
-    for name, extra in (("full", {}), ("lora", {"lora.r": 4})):
+    def build(overrides: dict) -> EngineRow:
         raw = {
             "model": {"config": dict(MODEL), "dtype": "bfloat16"},
             "training": {"seq_len": 128, "steps": 2, "device": "cpu"},
             "data": {"doc_mask": False},
         }
-        cfg = build_config(raw, {"training.fp8": True, "training.fp8_all_gather": True, **extra})
+        cfg = build_config(raw, {"training.fp8": True, **overrides})
         fields = dict(cfg.model.config)
         kind = training_kind(cfg, AutoConfig.for_model(fields.pop("model_type"), **fields))
         dims = ParallelDims.from_config(cfg.parallel, world)
-        row = EngineRow(cfg, dims.build_mesh("cpu"), dims, torch.device("cpu"), kind)
+        return cfg, EngineRow(cfg, dims.build_mesh("cpu"), dims, torch.device("cpu"), kind)
+
+    def cached(row: EngineRow) -> int:
+        return sum(getattr(m, "fp8_weight_t", None) is not None for m in row.engine.stage.modules())
+
+    out = {}
+    lora = {"lora.r": 4, "training.fp8_cache_frozen": False}
+    for name, extra in (("full", {}), ("lora", lora)):
+        cfg, row = build({"training.fp8_all_gather": True, **extra})
         hooks = []
         for i in range(2):
             row.step(random_batches(cfg, i), i)
@@ -174,4 +183,12 @@ def scale_hooks(rank: int, world: int) -> dict:
         scaled = [getattr(p._local_tensor, "_precomputed_scale", None) is not None for p in weights]
         out[name] = dict(hooks=hooks, weights=len(weights), scaled=all(scaled))
         row.close()
+    out["cache"] = {}
+    for cache in (False, True):
+        got = out["cache"][cache] = {}
+        for recipe in ("tensorwise", "rowwise"):
+            cfg, row = build({**lora, "training.fp8_cache_frozen": cache, "training.fp8_recipe": recipe})
+            got[recipe] = [row.step(random_batches(cfg, i), i) for i in range(2)]
+            got["cached"] = cached(row)
+            row.close()
     return out

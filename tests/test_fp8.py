@@ -205,6 +205,75 @@ def test_swap_under_lora():
     assert with_grad and all("lora_" in n for n in with_grad)
 
 
+@needs_torchao
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_frozen_weights_cast_once(recipe):
+    """training.fp8_cache_frozen: every frozen projection of a LoRA model becomes a FrozenFloat8Linear;
+    once cached, the loss and the adapters' gradients are Float8Linear's bit for bit, in eager layers and
+    (rowwise) compiled ones (bf16), the cache is not part of the state dict, and the matmuls read the cache, not the weight
+    (spoiling the weight afterwards changes nothing)."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    from models.fp8 import cache_frozen_weights, convert_projections
+    from models.fp8_frozen import FrozenFloat8Linear
+
+    seed = int(torch.randint(0, 2**31, ()).item())
+    ref = _stage(seed, lora=True).to(torch.bfloat16)
+    plain, cached = copy.deepcopy(ref), copy.deepcopy(ref)
+    convert_projections(list(plain.model.layers.values()), recipe)
+    convert_projections(list(cached.model.layers.values()), recipe, cache_frozen=True)
+    frozen = [m for m in cached.modules() if isinstance(m, FrozenFloat8Linear)]
+    assert len(frozen) == 7 * TINY["num_hidden_layers"]
+    assert not any(type(m) is FrozenFloat8Linear for m in plain.modules())
+    assert sum(type(m) is Float8Linear for m in plain.modules()) == len(frozen)
+    assert cache_frozen_weights(cached, torch.bfloat16) == len(frozen)
+    assert cached.state_dict().keys() == plain.state_dict().keys()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 65), generator=gen)
+    pos = torch.arange(64)[None].expand(2, -1)
+
+    def run(model):
+        model.zero_grad()
+        loss = model(ids[:, :-1], pos, labels=ids[:, 1:]).sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    for compiled in (False, True) if recipe == "rowwise" else (False,):  # compiling costs ~1 min on CI
+        if compiled:
+            for model in (plain, cached):
+                for layer in model.model.layers.values():
+                    layer.compile(dynamic=False)
+        (loss_a, grads_a), (loss_b, grads_b) = run(plain), run(cached)
+        assert torch.equal(loss_a, loss_b), (seed, compiled, loss_a, loss_b)
+        assert grads_a.keys() == grads_b.keys() and all("lora_" in n for n in grads_a)
+        for name, g in grads_a.items():
+            assert torch.equal(g, grads_b[name]), (seed, compiled, name)
+    with torch.no_grad():
+        for m in frozen:
+            m.weight.mul_(0.5)
+    assert torch.equal(run(cached)[0], loss_b), seed
+
+
+def test_fp8_cache_frozen_only_for_whole_weights():
+    """The cache holds whole weights: on when each rank holds them whole (one GPU, dp_replicate), off
+    under TP or FSDP sharding over dp x cp, and off when asked."""
+    from models.parallelize import fp8_cache_frozen
+    from parallel.dims import ParallelDims
+
+    def on(world: int, **parallel) -> bool:
+        over = {"training.fp8": True, **{f"parallel.{k}": v for k, v in parallel.items()}}
+        cfg = build_config(_raw(), over)
+        return fp8_cache_frozen(cfg, ParallelDims.from_config(cfg.parallel, world))
+
+    assert on(1) and on(2, dp_replicate=2)
+    assert not on(2) and not on(2, cp=2) and not on(2, tp=2)
+    cfg = build_config(_raw(), {"training.fp8": True, "training.fp8_cache_frozen": False})
+    assert not fp8_cache_frozen(cfg, ParallelDims.from_config(cfg.parallel, 1))
+    cfg = build_config(_raw(), {})
+    assert not fp8_cache_frozen(cfg, ParallelDims.from_config(cfg.parallel, 1))
+
+
 # ---- under TP and CP (2 gloo ranks) -----------------------------------------------------------------------
 
 
@@ -321,7 +390,14 @@ def test_fp8_engine_one_rank_all_gather_and_grads():
 @needs_torchao
 def test_fp8_scale_hook_once_for_frozen_weights():
     """FP8 all-gather's scale hook: kept for full fine-tuning, gone after the first step under LoRA (its FP8
-    weights are frozen, so their scales are final); both leave a precomputed scale on every FP8 weight."""
+    weights are frozen, so their scales are final); both leave a precomputed scale on every FP8 weight.
+    Through the same engine, LoRA with the frozen weights cast once (training.fp8_cache_frozen) trains
+    exactly as LoRA casting them in every matmul, tensorwise and rowwise."""
     res = run_distributed(fp8_engines.scale_hooks, 1, timeout=600)[0]
+    cache = res.pop("cache")
     assert res["full"]["hooks"] == [1, 1] and res["lora"]["hooks"] == [0, 0], res
     assert all(r["weights"] == fp8_engines.PROJECTIONS and r["scaled"] for r in res.values()), res
+    # The cast-once cache (on by default on one rank): bit-identical to casting in every matmul.
+    assert cache[True]["cached"] == fp8_engines.PROJECTIONS and cache[False]["cached"] == 0, cache
+    for recipe in ("tensorwise", "rowwise"):
+        assert cache[True][recipe] == cache[False][recipe], (recipe, cache)

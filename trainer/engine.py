@@ -26,6 +26,7 @@ from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 
+from models.fp8 import cache_frozen_weights
 from models.parallelize import fp8_all_gather
 from models.registry import DTYPES
 from parallel.dims import ParallelDims, sub_mesh
@@ -82,6 +83,8 @@ class Fsdp2Engine:
         self.stage = self._parallelize(stage, ctx)
         if ctx.fill is not None:
             ctx.fill(self.stage)
+        if cfg.training.fp8:  # frozen FP8 weights (training.fp8_cache_frozen): cast once, now they hold values
+            cache_frozen_weights(self.stage, DTYPES[cfg.model.dtype])
         self.pipeline = self._pipeline(ctx) if ctx.dims.pp > 1 else None
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim)

@@ -8,7 +8,8 @@ the step's grad_accum*micro_batch sequences form m = pp_microbatches microbatche
 
     params + grads + AdamW   16 * ceil(P_stage / F)        fp32 master, fp32 grads, 2 fp32 moments
                              (LoRA: b * ceil(P_stage / F) frozen base + 16 * ceil(P_adapter / F); no
-                             unsharded base or head gradient in `gathered` - parallel/planner/lora.py)
+                             unsharded base or head gradient in `gathered` - parallel/planner/lora.py;
+                             training.fp8 with the frozen-weight cache and F = t = 1: + 2 * P_mm)
     gathered (FSDP)          b * P_root  + b * V*h  + (3b + 4) * P_layer
                              root (embeddings, norm, head) stays gathered, the head's unsharded grad
                              lives until the root reduce-scatter, and per layer: the one computing, the
@@ -92,6 +93,9 @@ class Workload:
     fp8_recipe: str = "tensorwise"
     fp8_all_gather: bool = False
     """FSDP2 all-gathers the FP8-cast projection weights (1 byte per parameter)."""
+    fp8_cache_frozen: bool = False
+    """training.fp8_cache_frozen under LoRA: a rank holding whole weights keeps two FP8 copies of each frozen
+    projection (2 bytes per parameter)."""
 
     @classmethod
     def from_config(cls, cfg: Any) -> Workload:
@@ -120,6 +124,7 @@ class Workload:
             fp8=t.fp8,
             fp8_recipe=t.fp8_recipe,
             fp8_all_gather=t.fp8 and t.fp8_recipe == "tensorwise" and t.fp8_all_gather and p.engine == "fsdp2",
+            fp8_cache_frozen=t.fp8 and t.fp8_cache_frozen and rank > 0,
         )
 
 
@@ -349,6 +354,8 @@ def memory_breakdown(
             0 if work.fsdp_cpu_offload else math.ceil(rv.stage_layers * p_adapter / (layout.dp * layout.cp))
         )
         params = b * on_gpu + 4 * trained
+        if work.fp8 and work.fp8_cache_frozen and layout.tp == 1 and layout.dp * layout.cp == 1:
+            params += 2 * rv.stage_layers * shape.layer_matmul_params()  # models/fp8_frozen.py
         gathered_root = b * p_root  # no unsharded LM-head gradient
         gathered = gathered_root + b * kept * p_layer + (b + 4) * p_adapter
     return MemoryBreakdown(
