@@ -123,7 +123,10 @@ class Workload:
             lora_targets=targets,
             fp8=t.fp8,
             fp8_recipe=t.fp8_recipe,
-            fp8_all_gather=t.fp8 and t.fp8_recipe == "tensorwise" and t.fp8_all_gather and p.engine == "fsdp2",
+            fp8_all_gather=t.fp8
+            and t.fp8_recipe == "tensorwise"
+            and t.fp8_all_gather
+            and p.engine == "fsdp2",
             fp8_cache_frozen=t.fp8 and t.fp8_cache_frozen and rank > 0,
         )
 
