@@ -75,3 +75,24 @@ def test_calibrated_fp8_rates_and_workload_from_config(tmp_path):
     assert work.fp8 and work.fp8_recipe == "rowwise" and not work.fp8_all_gather  # rowwise: no FP8 gather
     cfg.training.fp8_recipe = "tensorwise"
     assert Workload.from_config(cfg).fp8_all_gather
+
+
+def test_frozen_weight_cache_memory():
+    """training.fp8_cache_frozen under LoRA: two FP8 copies (2 bytes) of every projection weight on a rank
+    that holds them whole; nothing where FSDP or TP shards them, or without LoRA."""
+    from parallel.planner import memory_breakdown
+
+    shape = _shape()
+    lora = Workload(seq_len=32768, fp8=True, lora_rank=16, lora_targets=("q_proj", "down_proj"))
+    cached = dataclasses.replace(lora, fp8_cache_frozen=True)
+    one, two = Layout(1, 1, 1, 1, 1, None), Layout(1, 1, 1, 2, 2, "zigzag")
+    extra = memory_breakdown(shape, one, cached).total - memory_breakdown(shape, one, lora).total
+    assert extra == 2 * shape.layers * shape.layer_matmul_params()
+    assert memory_breakdown(shape, two, cached) == memory_breakdown(shape, two, lora)
+    full = Workload(seq_len=32768, fp8=True)
+    assert memory_breakdown(shape, one, dataclasses.replace(full, fp8_cache_frozen=True)) == memory_breakdown(
+        shape, one, full
+    )
+    raw = {"model": {"config": dict(LLAMA_8B)}, "training": {"seq_len": 1024}}
+    assert Workload.from_config(build_config(raw, {"training.fp8": True, "lora.r": 8})).fp8_cache_frozen
+    assert not Workload.from_config(build_config(raw, {"training.fp8": True})).fp8_cache_frozen
