@@ -110,12 +110,12 @@ def convert_projections(
     return converted
 
 
-def cache_frozen_weights(model: nn.Module, dtype) -> int:
+def cache_frozen_weights(model: nn.Module, dtype, device) -> int:
     """Cast every FrozenFloat8Linear's weight to FP8 once (call after the weights hold their values);
-    returns how many. `dtype`: the compute dtype the forward would cast them from."""
+    returns how many. `dtype`, `device`: where and from which dtype the forward would cast them."""
     from models.fp8_frozen import FrozenFloat8Linear
 
     modules = [m for m in model.modules() if isinstance(m, FrozenFloat8Linear)]
     for m in modules:
-        m.cache_weight(dtype)
+        m.cache_weight(dtype, device)
     return len(modules)

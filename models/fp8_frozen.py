@@ -79,13 +79,13 @@ class FrozenFloat8Linear(Float8Linear):
         self.register_buffer("fp8_weight_t_for_grad_input", None, persistent=False)
 
     @torch.no_grad()
-    def cache_weight(self, dtype: torch.dtype) -> None:
-        """Cast the weight - as the forward sees it: whole, in the compute dtype `dtype` - once for each
-        of its matmuls. The input gradient's copy is stored transposed-contiguous, the layout its matmul
-        wants (torchao would copy it into that layout at every call)."""
+    def cache_weight(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Cast the weight - as the forward sees it: whole, in the compute dtype `dtype`, on `device` -
+        once for each of its matmuls. The input gradient's copy is stored transposed-contiguous, the layout
+        its matmul wants (torchao would copy it into that layout at every call)."""
         w = self.weight
         w = w.to_local() if hasattr(w, "to_local") else w  # a DTensor on a mesh of one rank is whole
-        w_t = w.detach().to(dtype).t()
+        w_t = w.detach().to(device=device, dtype=dtype).t()
         c, mm = self.config, self.linear_mm_config
         self.fp8_weight_t = _cast(w_t, c.cast_config_weight, mm, GemmInputRole.WEIGHT, 0, c)
         self.fp8_weight_t_for_grad_input = _cast(

@@ -96,8 +96,9 @@ def fp8_all_gather(cfg) -> bool:
 
 
 def fp8_cache_frozen(cfg, dims: ParallelDims) -> bool:
-    """Frozen FP8 weights are cast once (training.fp8_cache_frozen) when each rank holds them whole."""
-    whole = dims.tp == 1 and dims.dp_shard * dims.cp == 1
+    """Frozen FP8 weights are cast once (training.fp8_cache_frozen) when each rank holds them whole on the
+    GPU (FSDP CPU offload keeps them on the host to save GPU memory, which a GPU cache would spend)."""
+    whole = dims.tp == 1 and dims.dp_shard * dims.cp == 1 and not cfg.parallel.fsdp_cpu_offload
     return bool(getattr(cfg.training, "fp8", False)) and cfg.training.fp8_cache_frozen and whole
 
 

@@ -226,7 +226,7 @@ def test_frozen_weights_cast_once(recipe):
     assert len(frozen) == 7 * TINY["num_hidden_layers"]
     assert not any(type(m) is FrozenFloat8Linear for m in plain.modules())
     assert sum(type(m) is Float8Linear for m in plain.modules()) == len(frozen)
-    assert cache_frozen_weights(cached, torch.bfloat16) == len(frozen)
+    assert cache_frozen_weights(cached, torch.bfloat16, torch.device("cpu")) == len(frozen)
     assert cached.state_dict().keys() == plain.state_dict().keys()
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, TINY["vocab_size"], (2, 65), generator=gen)
@@ -257,7 +257,7 @@ def test_frozen_weights_cast_once(recipe):
 
 def test_fp8_cache_frozen_only_for_whole_weights():
     """The cache holds whole weights: on when each rank holds them whole (one GPU, dp_replicate), off
-    under TP or FSDP sharding over dp x cp, and off when asked."""
+    under TP or FSDP sharding over dp x cp, with FSDP CPU offload, and when asked."""
     from models.parallelize import fp8_cache_frozen
     from parallel.dims import ParallelDims
 
@@ -267,7 +267,7 @@ def test_fp8_cache_frozen_only_for_whole_weights():
         return fp8_cache_frozen(cfg, ParallelDims.from_config(cfg.parallel, world))
 
     assert on(1) and on(2, dp_replicate=2)
-    assert not on(2) and not on(2, cp=2) and not on(2, tp=2)
+    assert not on(2) and not on(2, cp=2) and not on(2, tp=2) and not on(1, fsdp_cpu_offload=True)
     cfg = build_config(_raw(), {"training.fp8": True, "training.fp8_cache_frozen": False})
     assert not fp8_cache_frozen(cfg, ParallelDims.from_config(cfg.parallel, 1))
     cfg = build_config(_raw(), {})

@@ -89,6 +89,10 @@ def test_frozen_weight_cache_memory():
     extra = memory_breakdown(shape, one, cached).total - memory_breakdown(shape, one, lora).total
     assert extra == 2 * shape.layers * shape.layer_matmul_params()
     assert memory_breakdown(shape, two, cached) == memory_breakdown(shape, two, lora)
+    offload = dataclasses.replace(cached, fsdp_cpu_offload=True)
+    assert memory_breakdown(shape, one, offload) == memory_breakdown(
+        shape, one, dataclasses.replace(lora, fsdp_cpu_offload=True)
+    )
     full = Workload(seq_len=32768, fp8=True)
     assert memory_breakdown(shape, one, dataclasses.replace(full, fp8_cache_frozen=True)) == memory_breakdown(
         shape, one, full

@@ -84,7 +84,7 @@ class Fsdp2Engine:
         if ctx.fill is not None:
             ctx.fill(self.stage)
         if cfg.training.fp8:  # training.fp8_cache_frozen: frozen weights cast once, now they hold values
-            cache_frozen_weights(self.stage, DTYPES[cfg.model.dtype])
+            cache_frozen_weights(self.stage, DTYPES[cfg.model.dtype], self.device)
         self.pipeline = self._pipeline(ctx) if ctx.dims.pp > 1 else None
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim)

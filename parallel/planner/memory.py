@@ -357,7 +357,8 @@ def memory_breakdown(
             0 if work.fsdp_cpu_offload else math.ceil(rv.stage_layers * p_adapter / (layout.dp * layout.cp))
         )
         params = b * on_gpu + 4 * trained
-        if work.fp8 and work.fp8_cache_frozen and layout.tp == 1 and layout.dp * layout.cp == 1:
+        whole = layout.tp == 1 and layout.dp * layout.cp == 1 and not work.fsdp_cpu_offload
+        if work.fp8 and work.fp8_cache_frozen and whole:
             params += 2 * rv.stage_layers * shape.layer_matmul_params()  # models/fp8_frozen.py
         gathered_root = b * p_root  # no unsharded LM-head gradient
         gathered = gathered_root + b * kept * p_layer + (b + 4) * p_adapter
