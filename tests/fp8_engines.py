@@ -152,7 +152,7 @@ def scale_hooks(rank: int, world: int) -> dict:
     from trainer.config import build_config
     from trainer.training_kind import training_kind
 
-    def build(overrides: dict) -> EngineRow:
+    def build(overrides: dict) -> tuple:
         raw = {
             "model": {"config": dict(MODEL), "dtype": "bfloat16"},
             "training": {"seq_len": 128, "steps": 2, "device": "cpu"},
