@@ -210,15 +210,21 @@ def test_swap_under_lora():
 def test_frozen_weights_cast_once(recipe):
     """training.fp8_cache_frozen: every frozen projection of a LoRA model becomes a FrozenFloat8Linear;
     once cached, the loss and the adapters' gradients are Float8Linear's bit for bit, in eager layers and
-    (rowwise) compiled ones (bf16), the cache is not part of the state dict, and the matmuls read the cache, not the weight
-    (spoiling the weight afterwards changes nothing)."""
+    (rowwise) compiled ones (bf16), the cache is not part of the state dict, and the matmuls read the cache,
+    not the weight (spoiling the weight afterwards changes nothing). tests/test_gpu_fp8.py runs the same on
+    CUDA."""
+    frozen_cache_check(recipe, torch.device("cpu"), compiled=recipe == "rowwise")  # compiling: ~1 min on CI
+
+
+def frozen_cache_check(recipe: str, device: torch.device, compiled: bool) -> None:
+    """The checks of test_frozen_weights_cast_once on `device`, eager and (`compiled`) compiled too."""
     from torchao.float8.float8_linear import Float8Linear
 
     from models.fp8 import cache_frozen_weights, convert_projections
     from models.fp8_frozen import FrozenFloat8Linear
 
     seed = int(torch.randint(0, 2**31, ()).item())
-    ref = _stage(seed, lora=True).to(torch.bfloat16)
+    ref = _stage(seed, lora=True).to(device=device, dtype=torch.bfloat16)
     plain, cached = copy.deepcopy(ref), copy.deepcopy(ref)
     convert_projections(list(plain.model.layers.values()), recipe)
     convert_projections(list(cached.model.layers.values()), recipe, cache_frozen=True)
@@ -226,11 +232,11 @@ def test_frozen_weights_cast_once(recipe):
     assert len(frozen) == 7 * TINY["num_hidden_layers"]
     assert not any(type(m) is FrozenFloat8Linear for m in plain.modules())
     assert sum(type(m) is Float8Linear for m in plain.modules()) == len(frozen)
-    assert cache_frozen_weights(cached, torch.bfloat16, torch.device("cpu")) == len(frozen)
+    assert cache_frozen_weights(cached, torch.bfloat16, device) == len(frozen)
     assert cached.state_dict().keys() == plain.state_dict().keys()
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, TINY["vocab_size"], (2, 65), generator=gen)
-    pos = torch.arange(64)[None].expand(2, -1)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 65), generator=gen).to(device)
+    pos = torch.arange(64, device=device)[None].expand(2, -1)
 
     def run(model):
         model.zero_grad()
@@ -239,16 +245,16 @@ def test_frozen_weights_cast_once(recipe):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return loss.detach(), grads
 
-    for compiled in (False, True) if recipe == "rowwise" else (False,):  # compiling costs ~1 min on CI
-        if compiled:
+    for compile_now in (False, True) if compiled else (False,):
+        if compile_now:
             for model in (plain, cached):
                 for layer in model.model.layers.values():
                     layer.compile(dynamic=False)
         (loss_a, grads_a), (loss_b, grads_b) = run(plain), run(cached)
-        assert torch.equal(loss_a, loss_b), (seed, compiled, loss_a, loss_b)
+        assert torch.equal(loss_a, loss_b), (seed, compile_now, loss_a, loss_b)
         assert grads_a.keys() == grads_b.keys() and all("lora_" in n for n in grads_a)
         for name, g in grads_a.items():
-            assert torch.equal(g, grads_b[name]), (seed, compiled, name)
+            assert torch.equal(g, grads_b[name]), (seed, compile_now, name)
     with torch.no_grad():
         for m in frozen:
             m.weight.mul_(0.5)

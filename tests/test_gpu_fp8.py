@@ -11,6 +11,9 @@
    the collective but still casts the weight shards to FP8 and builds the FP8 weights from them.
 3. The loss implementations on CUDA in bf16: fused (eager and compiled) and liger (when installed) give
    the chunked loss' value and gradients.
+4. A LoRA base cast to FP8 once (training.fp8_cache_frozen) against casting in every matmul, on cuBLAS'
+   FP8 GEMMs, eager and compiled: the same loss and adapter gradients bit for bit (tests/test_fp8.py's
+   check on CUDA).
 Skipped without CUDA, without torchao, or below compute capability 9.0 (the loss test needs CUDA only).
 """
 
@@ -136,3 +139,12 @@ def test_loss_impls_match_chunked_on_cuda():
 
 if __name__ == "__main__":
     sys.exit(_engine_worker())
+
+
+@hopper
+@needs_torchao
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_frozen_weights_cast_once_on_cuda(recipe):
+    from tests.test_fp8 import frozen_cache_check
+
+    frozen_cache_check(recipe, torch.device("cuda"), compiled=True)
