@@ -7,6 +7,9 @@ the final norm and the LM head stay in bf16 (the LM head's logits feed the loss 
 dimension is where FP8 error hurts the loss most). With peft LoRA the frozen base layer (`base_layer`)
 computes in FP8 and the adapters (`lora_A`, `lora_B`) stay in bf16: their rank is tiny and they train.
 
+A frozen base that each rank holds whole (one GPU) is cast to FP8 once instead of in every matmul
+(training.fp8_cache_frozen: models/fp8_frozen.py, `cache_frozen_weights` after loading).
+
 Single-device code: which modules convert and with which torchao config. FSDP2's FP8 all-gather needs a
 scale hook after the optimizer step (parallel/fsdp.py `fp8_scale_hook`).
 """
