@@ -51,9 +51,7 @@ class LoraFill(WeightSource):
             return
         layer, kind = owner
         if self.adapter is not None:
-            for pname, param in params.items():
-                offsets, local = local_block(param)
-                self.adapter.read(lora.to_peft_key(f"{name}.{pname}"), offsets, local)
+            self.adapter.read_many(self._adapter_reads(name, params))
             return
         # Seeded by A's own name: the base weight's seed (its layer's name) would draw A from the same stream.
         seed = init_seed(self.seed, f"{layer}.lora_A.{lora.ADAPTER}")
@@ -62,16 +60,29 @@ class LoraFill(WeightSource):
             offsets, local = local_block(param)
             local.copy_(full[tuple(slice(o, o + s) for o, s in zip(offsets, local.shape))])
 
+    def _adapter_reads(self, name: str, params: dict[str, torch.Tensor]) -> list:
+        """(key, offsets, local block) of each parameter of adapter module `name` in the adapter file."""
+        reads = []
+        for pname, param in params.items():
+            offsets, local = local_block(param)
+            reads.append((lora.to_peft_key(f"{name}.{pname}"), offsets, local))
+        return reads
+
     def fill_all(self, modules: list[tuple[str, nn.Module, dict[str, torch.Tensor]]]) -> None:
         """`fill` for every module: the base weights in one batched read when the base source can
-        (parallel/load.CheckpointFill.fill_all), the adapters module by module."""
-        base = []
+        (parallel/load.CheckpointFill.fill_all), an adapter file's tensors in another; a new adapter's
+        initial values module by module."""
+        base, adapter_reads = [], []
         for module_fqn, module, params in modules:
             name = clean_fqn(module_fqn)
             if lora.adapter_owner(name) is None:
                 base.append((lora.base_module_name(name), module, params))
+            elif self.adapter is not None:
+                adapter_reads += self._adapter_reads(name, params)
             else:
                 self.fill(module_fqn, module, params)
+        if adapter_reads:
+            self.adapter.read_many(adapter_reads)
         self.base.fill_all(base)
 
     def close(self) -> None:
