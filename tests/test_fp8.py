@@ -216,8 +216,11 @@ def test_frozen_weights_cast_once(recipe):
     frozen_cache_check(recipe, torch.device("cpu"), compiled=recipe == "rowwise")  # compiling: ~1 min on CI
 
 
-def frozen_cache_check(recipe: str, device: torch.device, compiled: bool) -> None:
-    """The checks of test_frozen_weights_cast_once on `device`, eager and (`compiled`) compiled too."""
+def frozen_cache_check(recipe: str, device: torch.device, compiled: bool, compiled_tol: float = 0.0) -> None:
+    """The checks of test_frozen_weights_cast_once on `device`, eager and (`compiled`) compiled too.
+    Compiled, the uncached path casts the weight inside the compiled graph and the cache outside it:
+    `compiled_tol` > 0 allows that much relative difference there (a scale that Triton's division rounds
+    one ulp apart from eager's moves a few FP8 values by one step; a wrong cast moves all of them)."""
     from torchao.float8.float8_linear import Float8Linear
 
     from models.fp8 import cache_frozen_weights, convert_projections
@@ -251,10 +254,11 @@ def frozen_cache_check(recipe: str, device: torch.device, compiled: bool) -> Non
                 for layer in model.model.layers.values():
                     layer.compile(dynamic=False)
         (loss_a, grads_a), (loss_b, grads_b) = run(plain), run(cached)
-        assert torch.equal(loss_a, loss_b), (seed, compile_now, loss_a, loss_b)
+        tol = compiled_tol if compile_now else 0.0
+        assert _rel(loss_b, loss_a) <= tol, (seed, compile_now, loss_a, loss_b)
         assert grads_a.keys() == grads_b.keys() and all("lora_" in n for n in grads_a)
         for name, g in grads_a.items():
-            assert torch.equal(g, grads_b[name]), (seed, compile_now, name)
+            assert _rel(grads_b[name], g) <= tol, (seed, compile_now, name, _rel(grads_b[name], g))
     with torch.no_grad():
         for m in frozen:
             m.weight.mul_(0.5)

@@ -12,8 +12,8 @@
 3. The loss implementations on CUDA in bf16: fused (eager and compiled) and liger (when installed) give
    the chunked loss' value and gradients.
 4. A LoRA base cast to FP8 once (training.fp8_cache_frozen) against casting in every matmul, on cuBLAS'
-   FP8 GEMMs, eager and compiled: the same loss and adapter gradients bit for bit (tests/test_fp8.py's
-   check on CUDA).
+   FP8 GEMMs: the same loss and adapter gradients bit for bit in eager mode, within 1e-3 compiled (where
+   the uncached cast runs in Triton; tests/test_fp8.py's check on CUDA).
 Skipped without CUDA, without torchao, or below compute capability 9.0 (the loss test needs CUDA only).
 """
 
@@ -147,4 +147,4 @@ if __name__ == "__main__":
 def test_frozen_weights_cast_once_on_cuda(recipe):
     from tests.test_fp8 import frozen_cache_check
 
-    frozen_cache_check(recipe, torch.device("cuda"), compiled=True)
+    frozen_cache_check(recipe, torch.device("cuda"), compiled=True, compiled_tol=1e-3)
