@@ -6,7 +6,8 @@ scaling under rowwise). A frozen weight gives the same FP8 values every time, so
 keeps the two casts - scaled for the output's matmul and for the input gradient's, made by torchao's own
 `hp_tensor_to_float8_dynamic` - as buffers (`cache_weight`), and its matmul reads them. The input and the
 output gradient are cast every step by torchao exactly as Float8Linear casts them, and no weight gradient
-is formed: the results are Float8Linear's, bit for bit (tests/test_fp8.py).
+is formed: the results are Float8Linear's, bit for bit (tests/test_fp8.py on CPU; compiled on a GPU the
+uncached path casts inside Triton, which may round a tensorwise scale differently: tests/test_gpu_fp8.py).
 
 Only for weights held whole by their rank (no TP, no FSDP sharding over dp x cp): the cache is the full
 weight, 2 bytes per parameter for its two FP8 copies.

@@ -163,7 +163,7 @@ class TrainingConfig:
     fp8_all_gather: bool = True
     """With fp8_recipe=tensorwise: FSDP2 all-gathers the weights in FP8 (half the bytes of bf16), their scales computed once after each optimizer step (after the first only under LoRA: frozen weights)."""
     fp8_cache_frozen: bool = True
-    """With training.fp8, frozen weights (a LoRA base) that no rank shares - no TP, no FSDP sharding over dp x cp (one GPU, or dp_replicate only), no fsdp_cpu_offload - are cast to FP8 once, not in every matmul (3 times a step under checkpointing): bit-identical results, 2 bytes per base parameter more GPU memory (models/fp8_frozen.py)."""
+    """With training.fp8, frozen weights (a LoRA base) that no rank shares - no TP, no FSDP sharding over dp x cp (one GPU, or dp_replicate only), no fsdp_cpu_offload - are cast to FP8 once, not in every matmul (3 times a step under checkpointing): the same FP8 values (bit-identical results on CPU), 2 bytes per base parameter more GPU memory (models/fp8_frozen.py)."""
     init_timeout_min: float = 30.0
     """Process-group timeout (minutes) while ranks start, load the model and wait for tokenisation."""
     step_timeout_min: float = 10.0
