@@ -85,7 +85,8 @@ class FrozenFloat8Linear(Float8Linear):
         once for each of its matmuls. The input gradient's copy is stored transposed-contiguous, the layout
         its matmul wants (torchao would copy it into that layout at every call)."""
         w = self.weight
-        w = w.to_local() if hasattr(w, "to_local") else w  # a DTensor on a mesh of one rank is whole
+        # A DTensor on a mesh of one rank is whole (duck-typed: models/ does not import torch.distributed).
+        w = w.to_local() if hasattr(w, "to_local") else w
         w_t = w.detach().to(device=device, dtype=dtype).t()
         c, mm = self.config, self.linear_mm_config
         self.fp8_weight_t = _cast(w_t, c.cast_config_weight, mm, GemmInputRole.WEIGHT, 0, c)

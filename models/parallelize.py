@@ -23,7 +23,7 @@ from models.norm import lean_norms
 from models.registry import DTYPES, register_family
 from parallel.ac import checkpointed_layers, keeps_attention
 from parallel.cp.api import apply_cp, groups_for_strategy
-from parallel.dims import ParallelDims, sub_mesh
+from parallel.dims import ParallelDims, holds_whole_weights, sub_mesh
 from parallel.fsdp import apply_fsdp
 from parallel.tp import apply_tp, sequence_shard_fns
 
@@ -98,7 +98,7 @@ def fp8_all_gather(cfg) -> bool:
 def fp8_cache_frozen(cfg, dims: ParallelDims) -> bool:
     """Frozen FP8 weights are cast once (training.fp8_cache_frozen) when each rank holds them whole on the
     GPU (FSDP CPU offload keeps them on the host to save GPU memory, which a GPU cache would spend)."""
-    whole = dims.tp == 1 and dims.dp_shard * dims.cp == 1 and not cfg.parallel.fsdp_cpu_offload
+    whole = holds_whole_weights(dims.tp, dims.dp_shard * dims.cp, cfg.parallel.fsdp_cpu_offload)
     return bool(getattr(cfg.training, "fp8", False)) and cfg.training.fp8_cache_frozen and whole
 
 

@@ -269,6 +269,12 @@ def data_parallel_degree(dp: int, tp: int, pp: int, cp: int, world_size: int) ->
     return dp
 
 
+def holds_whole_weights(tp: int, fsdp_shards: int, cpu_offload: bool) -> bool:
+    """Each rank keeps every weight whole on its GPU: no TP, FSDP over `fsdp_shards` = 1 rank (dp_shard x
+    cp; replicas hold whole weights) and no FSDP CPU offload (training.fp8_cache_frozen's condition)."""
+    return tp == 1 and fsdp_shards == 1 and not cpu_offload
+
+
 def ulysses_degree(strategy: str, cp: int, ulysses: int) -> int:
     """The Ulysses degree of a concrete CP strategy: 1 for ring, cp for ulysses, `ulysses` for hybrid."""
     if strategy == "hybrid":

@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from parallel.cp.ring import BACKWARD_ROWS
+from parallel.dims import holds_whole_weights
 from parallel.planner.enumerate import Layout
 from parallel.planner.lora import adapter_activation_bytes, adapter_layer_params, lora_settings
 from parallel.shape import ModelShape
@@ -357,7 +358,7 @@ def memory_breakdown(
             0 if work.fsdp_cpu_offload else math.ceil(rv.stage_layers * p_adapter / (layout.dp * layout.cp))
         )
         params = b * on_gpu + 4 * trained
-        whole = layout.tp == 1 and layout.dp * layout.cp == 1 and not work.fsdp_cpu_offload
+        whole = holds_whole_weights(layout.tp, layout.dp * layout.cp, work.fsdp_cpu_offload)
         if work.fp8 and work.fp8_cache_frozen and whole:
             params += 2 * rv.stage_layers * shape.layer_matmul_params()  # models/fp8_frozen.py
         gathered_root = b * p_root  # no unsharded LM-head gradient
