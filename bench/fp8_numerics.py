@@ -7,10 +7,10 @@ bf16 control that differs from the bf16 run only by rounding.
 Each run is `train.py` itself (one rank via torchrun): the 1B shape of bench/train.py (16 layers, hidden
 2048, vocab 128256; random init), same seed, same data order, same schedule (AdamW 3e-4, 20 warm-up steps,
 cosine), bf16 compute + compile. Runs: `bf16`; `fp8` (training.fp8, the only change; --recipes rowwise
-adds `fp8_rowwise`); `control` (bf16 with
-training.loss_impl=fused: the same maths with other bf16 rounding - how far two runs part when only rounding
-differs, the noise floor FP8 must be read against). seq_len is 8192 (not 64k) so the runs fit one device
-command; the FP8 matmuls are the same GEMM shapes per token at any length, only attention (not FP8) grows.
+adds `fp8_rowwise`; --variant NAME:fp8=true,fp8_bf16_layers=1 a run with those training keys); `control`
+(bf16 with training.loss_impl=fused: the same maths with other bf16 rounding - how far two runs part when
+only rounding differs, the noise floor FP8 must be read against). seq_len is 8192 (not 64k) so the runs fit
+one device command; the FP8 matmuls are the same GEMM shapes per token at any length, only attention (not FP8) grows.
 
 Data (--corpus): `fresh` (default) generates as many documents of the demo grammar (trainer/data/demo.py,
 another seed than the shipped file) as the run reads, so no document is seen twice and the loss measures
@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from typing import IO
 
 import yaml
+
+from models.fp8 import RECIPES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = "configs/demo/tokenizer"
@@ -175,8 +177,15 @@ def main() -> None:
         "--recipes",
         nargs="+",
         default=["tensorwise"],
-        choices=["tensorwise", "rowwise"],
-        help="one FP8 run per training.fp8_recipe (rowwise: named fp8_rowwise)",
+        choices=RECIPES,
+        help="one FP8 run per training.fp8_recipe (tensorwise: named fp8; rowwise: fp8_rowwise, ...)",
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="one more run: bf16 with these training.* keys (e.g. fp8_edge1:fp8=true,fp8_bf16_layers=1)",
     )
     ap.add_argument("--no-control", action="store_true", help="skip the bf16 rounding control run")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke run, fp8 off")
@@ -196,6 +205,9 @@ def main() -> None:
     for recipe in args.recipes:  # on CPU a second bf16 run (a smoke test of the bench)
         name = "fp8" if recipe == "tensorwise" else f"fp8_{recipe}"
         variants[name] = {"fp8": args.device == "cuda", "fp8_recipe": recipe}
+    for spec in args.variant:
+        name, _, keys = spec.partition(":")
+        variants[name] = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in keys.split(",") if kv)}
     if not args.no_control:
         variants["control"] = {"loss_impl": "fused"}
     curves, running = {}, []

@@ -2,10 +2,12 @@
 
 Each decoder layer's q/k/v/o and gate/up/down `nn.Linear` becomes a torchao `Float8Linear`: its three
 matmuls (output, grad input, grad weight) run on FP8 tensor cores with dynamic scales - one scale per
-tensor (`tensorwise`) or per row (`rowwise`), computed from the current values every step. The embedding,
-the final norm and the LM head stay in bf16 (the LM head's logits feed the loss directly, and its vocabulary
-dimension is where FP8 error hurts the loss most). With peft LoRA the frozen base layer (`base_layer`)
-computes in FP8 and the adapters (`lora_A`, `lora_B`) stay in bf16: their rank is tiny and they train.
+tensor (`tensorwise`) or per row (`rowwise`; `rowwise_with_gw_hp` keeps the weight gradient's GEMM in
+bf16), computed from the current values every step. The embedding, the final norm and the LM head stay in
+bf16 (the LM head's logits feed the loss directly, and its vocabulary dimension is where FP8 error hurts
+the loss most), and so may the first and last decoder layers (training.fp8_bf16_layers). With peft LoRA
+the frozen base layer (`base_layer`) computes in FP8 and the adapters (`lora_A`, `lora_B`) stay in bf16:
+their rank is tiny and they train.
 
 A frozen base that each rank holds whole (one GPU) is cast to FP8 once instead of in every matmul
 (training.fp8_cache_frozen: models/fp8_frozen.py, `cache_frozen_weights` after loading).
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
-RECIPES = ("tensorwise", "rowwise")
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 INSTALL_HINT = "needs torchao (pip install -e .[fp8])"
 
@@ -64,16 +66,24 @@ def is_projection(module: nn.Module, fqn: str) -> bool:
     return out_features % 16 == 0 and in_features % 16 == 0
 
 
+def fp8_layers(stage: nn.Module, bf16_layers: int) -> list[nn.Module]:
+    """The decoder layers of a CausalLMStage that compute in FP8: all but the model's first and last
+    `bf16_layers` (training.fp8_bf16_layers). The stage's layer keys are the model's indices, under PP too."""
+    last = stage.config.num_hidden_layers - bf16_layers
+    return [layer for key, layer in stage.model.layers.items() if bf16_layers <= int(key) < last]
+
+
 def float8_config(recipe: str, fsdp_all_gather: bool):
     """torchao's Float8LinearConfig for `recipe`. FP8 all-gather exists for tensorwise scaling only (a
-    rowwise scale needs the whole row, which a shard does not hold)."""
+    rowwise scale needs the whole row, which a shard does not hold). rowwise_with_gw_hp is torchao's
+    rowwise with the weight gradient's GEMM left in bf16 (its most accurate recipe)."""
     from torchao.float8 import Float8LinearConfig
 
     if recipe not in RECIPES:
         raise ValueError(f"training.fp8_recipe: must be one of {' | '.join(RECIPES)}, got {recipe!r}")
     if recipe == "tensorwise":
         return Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp_all_gather)
-    return Float8LinearConfig.from_recipe_name("rowwise")
+    return Float8LinearConfig.from_recipe_name(recipe)
 
 
 def convert_projections(

@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from models.causal_lm import CausalLMStage, tile_mlps
 from models.families import FAMILIES, tp_layer_plan
-from models.fp8 import convert_projections
+from models.fp8 import convert_projections, fp8_layers
 from models.norm import lean_norms
 from models.registry import DTYPES, register_family
 from parallel.ac import checkpointed_layers, keeps_attention
@@ -38,7 +38,10 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
     layers = list(stage.model.layers.values())
     if getattr(cfg.training, "fp8", False):
         converted = convert_projections(
-            layers, cfg.training.fp8_recipe, fp8_all_gather(cfg), fp8_cache_frozen(cfg, dims)
+            fp8_layers(stage, cfg.training.fp8_bf16_layers),
+            cfg.training.fp8_recipe,
+            fp8_all_gather(cfg),
+            fp8_cache_frozen(cfg, dims),
         )
         log.info("fp8: %d projections in FP8 (%s scaling)", len(converted), cfg.training.fp8_recipe)
     if dims.tp > 1:

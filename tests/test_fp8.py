@@ -148,7 +148,7 @@ def test_projection_filter():
 
 
 @needs_torchao
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
 def test_swap_and_numerics(recipe):
     """Every projection (7 per layer) becomes Float8Linear, nothing else does; the loss and gradients stay
     within FP8 rounding of the same model without FP8 - and differ from it (FP8 really runs)."""
@@ -180,6 +180,32 @@ def test_swap_and_numerics(recipe):
 
 
 @needs_torchao
+def test_bf16_edge_layers(tmp_path):
+    """training.fp8_bf16_layers=n: the model's first and last n layers keep nn.Linear projections, on
+    whichever pipeline stage they are; n that leaves no layer in FP8 is a config error naming the key."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from models.causal_lm import CausalLMStage
+    from models.fp8 import convert_projections, fp8_layers
+    from trainer.layout import validate_run
+
+    fields = {**TINY, "num_hidden_layers": 4}
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    whole, last_stage = CausalLMStage(hf), CausalLMStage(hf, first_layer=2)
+    assert fp8_layers(whole, 0) == list(whole.model.layers.values())
+    assert fp8_layers(whole, 1) == [whole.model.layers["1"], whole.model.layers["2"]]
+    assert fp8_layers(last_stage, 1) == [last_stage.model.layers["2"]]
+    assert len(convert_projections(fp8_layers(whole, 1), "tensorwise")) == 14
+    kinds = {k: type(layer.mlp.down_proj).__name__ for k, layer in whole.model.layers.items()}
+    assert kinds == {"0": "Linear", "1": "Float8Linear", "2": "Float8Linear", "3": "Linear"}, kinds
+    with pytest.raises(ConfigError) as err:  # TINY has 2 layers: one at each end leaves none
+        validate_run(build_config(_raw(fp8=True, fp8_bf16_layers=1)), 1, device_type="cpu")
+    assert err.value.key == "training.fp8_bf16_layers" and "none of the model's 2 layers" in str(err.value)
+    with pytest.raises(ConfigError, match="training.fp8_bf16_layers"):
+        build_config(_raw(fp8=True, fp8_bf16_layers=-1))
+
+
+@needs_torchao
 def test_swap_under_lora():
     """peft LoRA: the frozen base layers compute in FP8, the adapters stay nn.Linear and alone get
     gradients; the loss stays within FP8 rounding of the LoRA model without FP8."""
@@ -206,7 +232,7 @@ def test_swap_under_lora():
 
 
 @needs_torchao
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
 def test_frozen_weights_cast_once(recipe):
     """training.fp8_cache_frozen: every frozen projection of a LoRA model becomes a FrozenFloat8Linear;
     once cached, the loss and the adapters' gradients are Float8Linear's bit for bit, in eager layers and

@@ -143,7 +143,7 @@ if __name__ == "__main__":
 
 @hopper
 @needs_torchao
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
 def test_frozen_weights_cast_once_on_cuda(recipe):
     from tests.test_fp8 import frozen_cache_check
 

@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from models.families import FAMILIES, NOT_SUPPORTED
+from models.fp8 import RECIPES as FP8_RECIPES
 from parallel.dims import ConfigError, check_seq_len, data_parallel_degree, ulysses_degree
 from trainer.ds_config import ENGINES, OFFLOAD_DEVICES, validate_engine
 from trainer.eval_checks import validate_eval
@@ -32,7 +33,7 @@ _CHOICES = {
     "parallel.activation_checkpointing": ("none", "full", "selective", "full_keep_attn", "auto"),
     "training.device": ("auto", "cpu", "cuda"),
     "training.loss_impl": ("chunked", "fused", "liger"),
-    "training.fp8_recipe": ("tensorwise", "rowwise"),
+    "training.fp8_recipe": FP8_RECIPES,
     "optim.scheduler": ("constant", "linear", "cosine"),
     "checkpoint.export_dtype": ("float32", "bfloat16"),
     "parallel.engine": ENGINES,
@@ -48,7 +49,7 @@ _POSITIVE = (
 ).split()
 _NON_NEGATIVE = (
     "training.seed training.max_grad_norm training.skip_nonfinite optim.lr optim.weight_decay "
-    "optim.warmup_steps checkpoint.interval checkpoint.keep"
+    "optim.warmup_steps checkpoint.interval checkpoint.keep training.fp8_bf16_layers"
 ).split()
 MODEL_TYPES = tuple(FAMILIES)
 

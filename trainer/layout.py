@@ -110,6 +110,11 @@ def validate_run(
             f"model_type {model_type!r} is not supported; choose from {' | '.join(MODEL_TYPES)}",
         )
     shape = ModelShape.from_hf(hf)
+    if cfg.training.fp8 and 2 * cfg.training.fp8_bf16_layers >= shape.layers:
+        raise ConfigError(
+            "training.fp8_bf16_layers",
+            f"{cfg.training.fp8_bf16_layers} at each end leaves none of the model's {shape.layers} layers in FP8",
+        )
     device = run_device_type(cfg.training.device) if device_type is None else device_type
     notes = family_notes + check_layout(dims, shape, run_settings(cfg, device))
     validate_device_features(cfg, device)  # training.fp8 (an FP8 GPU), loss_impl=liger (CUDA)
