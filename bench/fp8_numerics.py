@@ -175,10 +175,10 @@ def main() -> None:
     ap.add_argument("--corpus", default="fresh", choices=["fresh", "demo"], help="see the module docstring")
     ap.add_argument(
         "--recipes",
-        nargs="+",
+        nargs="*",
         default=["tensorwise"],
         choices=RECIPES,
-        help="one FP8 run per training.fp8_recipe (tensorwise: named fp8; rowwise: fp8_rowwise, ...)",
+        help="one FP8 run per training.fp8_recipe (tensorwise: named fp8; rowwise: fp8_rowwise, ...); none: only --variant runs",
     )
     ap.add_argument(
         "--variant",

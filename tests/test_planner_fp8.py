@@ -35,9 +35,11 @@ def test_fp8_halves_the_projection_matmuls_only():
     assert RATES.fp8_rate() == 2 * RATES.matmul_tflops  # the built-in file has no measured FP8 rate
     assert b.matmul == pytest.approx(head + layers_bf16 / 2, rel=1e-9)
     assert b.recompute < a.recompute and b.attention == a.attention
-    # The casts: more memory-bound bytes, by exactly fp8_cast_bytes per token and layer (x (3 + ac) / 3).
+    # The casts: more memory-bound bytes, by exactly fp8_cast_bytes per token and layer (x (3 + ac) / 3),
+    # plus each weight cast in the forward, the recompute and the input gradient (5 bytes per parameter).
     cast = fp8_cast_bytes(shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate)
-    extra = tokens * shape.layers * cast * (3 + 1) / 3 / (RATES.elementwise_gbps * 1e9)
+    weights = 3 * 5 * shape.layers * shape.layer_matmul_params()
+    extra = (tokens * shape.layers * cast * (3 + 1) / 3 + weights) / (RATES.elementwise_gbps * 1e9)
     assert b.memory_bound - a.memory_bound == pytest.approx(extra, rel=1e-9)
     assert b.tokens_per_s_per_gpu > a.tokens_per_s_per_gpu
     # float32 compute never runs FP8: nothing changes.
@@ -100,3 +102,32 @@ def test_frozen_weight_cache_memory():
     raw = {"model": {"config": dict(LLAMA_8B)}, "training": {"seq_len": 1024}}
     assert Workload.from_config(build_config(raw, {"training.fp8": True, "lora.r": 8})).fp8_cache_frozen
     assert not Workload.from_config(build_config(raw, {"training.fp8": True})).fp8_cache_frozen
+
+
+def test_recipes_edge_layers_and_weight_casts():
+    """rowwise_with_gw_hp runs the weight gradient's GEMM at the bf16 rate (none under LoRA: as fast as
+    rowwise there); fp8_bf16_layers moves that share of the layers back to bf16; the frozen-weight cache
+    removes the weight casts (3 x 5 bytes per parameter under checkpointing), and only them."""
+    shape, one = _shape(), Layout(1, 1, 1, 1, 1, None)
+    hbm = RATES.elementwise_gbps * 1e9
+    full = Workload(seq_len=32768, activation_checkpointing="full_keep_attn", fp8=True, fp8_recipe="rowwise")
+    gw_hp = dataclasses.replace(full, fp8_recipe="rowwise_with_gw_hp")
+    t_rw, t_hp = step_time(shape, one, full, RATES), step_time(shape, one, gw_hp, RATES)
+    tokens, p = 32768, shape.layers * shape.layer_matmul_params()
+    wgrad = 2 * tokens * p * (1 / (RATES.matmul_tflops * 1e12) - 1 / (RATES.fp8_rate("rowwise") * 1e12))
+    assert t_hp.matmul - t_rw.matmul == pytest.approx(wgrad, rel=1e-9)
+    assert t_hp.memory_bound < t_rw.memory_bound  # no FP8 copies for the weight gradient's GEMM
+    lora = dataclasses.replace(full, lora_rank=16, lora_targets=("q_proj", "v_proj"))
+    lora_hp = dataclasses.replace(lora, fp8_recipe="rowwise_with_gw_hp")
+    assert step_time(shape, one, lora_hp, RATES) == step_time(shape, one, lora, RATES)
+    cached = dataclasses.replace(lora, fp8_cache_frozen=True)
+    saved = (
+        step_time(shape, one, lora, RATES).memory_bound - step_time(shape, one, cached, RATES).memory_bound
+    )
+    assert saved == pytest.approx(3 * 5 * p / hbm, rel=1e-9)
+    bf16 = step_time(shape, one, dataclasses.replace(full, fp8=False), RATES)
+    half = step_time(shape, one, dataclasses.replace(full, fp8_bf16_layers=shape.layers // 4), RATES)
+    assert half.matmul == pytest.approx((bf16.matmul + t_rw.matmul) / 2, rel=1e-9)
+    assert bf16.memory_bound < half.memory_bound < t_rw.memory_bound
+    raw = {"model": {"config": dict(LLAMA_8B)}, "training": {"seq_len": 1024, "fp8_bf16_layers": 2}}
+    assert Workload.from_config(build_config(raw)).fp8_bf16_layers == 2

@@ -13,9 +13,11 @@ T = m*Tm local tokens per pass and S = seq_len:
                 step computes (as parallel/cp/ring.py does); only its last hop is exposed.
                 Ulysses: 4 all-to-alls forward (q, k, v, out) and 4 backward, (U-1)/U of
                 b*Tm*(2*a_r + 2*k_r)*d bytes, never hidden.
-    fp8         training.fp8: the projections' GEMMs at the FP8 rate (calibration.py `fp8_rate`), the LM head
-                at bf16's; the dynamic casts add `fp8_cast_bytes` to the memory-bound term; with FP8
-                all-gather FSDP gathers the projection weights at 1 byte per parameter
+    fp8         training.fp8: the projections' GEMMs at the FP8 rate (calibration.py `fp8_rate`) - the weight
+                gradient's at bf16's under rowwise_with_gw_hp - in all but the fp8_bf16_layers at each
+                end; the LM head at bf16's. The dynamic casts add `fp8_cast_bytes` per token and
+                `fp8_weight_cast_bytes` per pass to the memory-bound term; with FP8 all-gather FSDP gathers
+                the projection weights at 1 byte per parameter
     tp comm     2 all-reduces forward + 2 backward per layer of b*Tm*h bytes, 2*(t-1)/t of it on the wire
     fsdp comm   all-gather (b) and reduce-scatter (fp32) of the stage's parameters, (F-1)/F of it;
                 overlapped with compute except the first layer's gather
@@ -88,14 +90,34 @@ def group_spans(layout: Layout) -> dict[str, int]:
     return {"tp": t, "ulysses": t * u, "ring": t * c, "fsdp": t * c * layout.dp}
 
 
-def fp8_cast_bytes(h: int, heads: int, kv_heads: int, d: int, inter: float) -> float:
+def fp8_cast_bytes(
+    h: int, heads: int, kv_heads: int, d: int, inter: float, grad_weight_fp8: bool = True
+) -> float:
     """Bytes per token and layer that torchao's dynamic FP8 casts move in one forward + backward (an
     estimate, not a measurement): each projection's input is read twice (amax, then cast) and written as
-    FP8 (5 bytes per bf16 element) in the forward, its output gradient likewise in the backward, and both
-    once more (3 bytes) for the grad-weight GEMM's transposed FP8 copies."""
+    FP8 (5 bytes per bf16 element) in the forward, its output gradient likewise in the backward, and, when
+    the weight gradient's GEMM runs in FP8 (`grad_weight_fp8`), both once more (3 bytes) for its transposed
+    FP8 copies."""
     ins = 5 * h + heads * d + inter  # q, k, v, gate, up read h; o reads the heads; down the MLP width
     outs = 2 * h + (heads + 2 * kv_heads) * d + 2 * inter
-    return 5 * ins + 5 * outs + 3 * (ins + outs)
+    return 5 * ins + 5 * outs + (3 * (ins + outs) if grad_weight_fp8 else 0)
+
+
+def fp8_weight_cast_bytes(work: Workload, p_mm: float, fp8_layers: float, ac: float, shards: int) -> float:
+    """Bytes of one forward + backward pass that torchao moves casting the FP8 layers' weights: each
+    matmul casts its weight (read twice, written as FP8: 5 bytes per parameter) - the forward, its
+    recompute, the input gradient's - unless training.fp8_cache_frozen cast them once; under FP8
+    all-gather each rank casts only its shard. Not scaled by compile's fusion: 8B LoRA at 32k, compiled,
+    saved 77 ms a step with the cache where this predicts 72 ms (docs/BENCHMARKS.md, session 8)."""
+    if work.fp8_cache_frozen:
+        return 0.0
+    share = 1 / shards if work.fp8_all_gather else 1.0
+    return (2 + ac) * 5 * p_mm * fp8_layers * share
+
+
+def fp8_layer_share(work: Workload, layers: int) -> float:
+    """The share of the model's layers whose projections run in FP8 (training.fp8_bf16_layers)."""
+    return max(0, layers - 2 * work.fp8_bf16_layers) / layers
 
 
 def ac_fraction(mode: str, layers: int) -> float:
@@ -120,11 +142,19 @@ def step_time(
     # LoRA: frozen base matmuls run forward + input gradient only (4 T P), the adapters all three passes.
     base_passes = 4 if work.lora_rank else 6
     fp8 = work.fp8 and b == 2  # training.fp8: the projections at the FP8 rate, the LM head stays bf16
-    layer_rate = rates.fp8_rate(work.fp8_recipe) * 1e12 if fp8 else mm_rate
+    fp8_share = fp8_layer_share(work, shape.layers) if fp8 else 0.0
+    fp8_rate = rates.fp8_rate(work.fp8_recipe) * 1e12
+    # rowwise_with_gw_hp: the weight gradient's GEMM (2 of the 6 T P; LoRA's base has none) stays bf16.
+    hp_passes = 2 if fp8 and work.fp8_recipe == "rowwise_with_gw_hp" and not work.lora_rank else 0
+    fp8_passes = (base_passes - hp_passes) / fp8_rate + hp_passes / mm_rate
+    per_param = (
+        fp8_share * fp8_passes + (1 - fp8_share) * base_passes / mm_rate
+    )  # seconds per token and parameter
+    per_param_fwd = fp8_share * 2 / fp8_rate + (1 - fp8_share) * 2 / mm_rate
     p_adapter = adapter_layer_params(shape, work.lora_rank, work.lora_targets, layout.tp)
     p_mm = shape.layer_matmul_params(layout.tp)
-    mm_layers = rv.tokens * ls * (base_passes * p_mm / layer_rate + 6 * p_adapter / mm_rate)
-    mm_fwd_layers = 2 * rv.tokens * ls * (p_mm / layer_rate + p_adapter / mm_rate)
+    mm_layers = rv.tokens * ls * (per_param * p_mm + 6 * p_adapter / mm_rate)
+    mm_fwd_layers = rv.tokens * ls * (per_param_fwd * p_mm + 2 * p_adapter / mm_rate)
     mm_head = base_passes * rv.tokens * shape.vocab * h / mm_rate
     mm_fwd_head = 2 * rv.tokens * shape.vocab * h / mm_rate
     imbalance = (2 * layout.ring - 1) / layout.ring if layout.cp_layout == "contiguous" else 1.0
@@ -192,8 +222,12 @@ def step_time(
     # rate is the calibrated effective one (calibration.py), not the HBM's peak.
     hbm = rates.elementwise_gbps * 1e9
     per_token = 60 * h + 12 * shape.intermediate / layout.tp + 16 * (rv.heads + rv.kv_heads) * d
+    weight_casts = 0.0
     if fp8:
-        per_token += fp8_cast_bytes(h, rv.heads, rv.kv_heads, d, shape.intermediate / layout.tp) / 3
+        grad_weight_fp8 = not work.lora_rank and work.fp8_recipe != "rowwise_with_gw_hp"
+        cast = fp8_cast_bytes(h, rv.heads, rv.kv_heads, d, shape.intermediate / layout.tp, grad_weight_fp8)
+        per_token += fp8_share * cast / 3
+        weight_casts = m * fp8_weight_cast_bytes(work, p_mm, ls * fp8_share, ac, layout.dp * layout.cp)
     trained = (
         ls * p_adapter
         if work.lora_rank
@@ -202,7 +236,9 @@ def step_time(
     shard = trained / (layout.dp * layout.cp)  # what AdamW steps
     fused = COMPILED_ELEMENTWISE if work.compiled else 1.0  # the optimizer step is not compiled
     memory_bound = (
-        rv.tokens * (ls * per_token * (3 + ac) + 40 * shape.vocab) * fused + 28 * shard / rv.steps
+        rv.tokens * (ls * per_token * (3 + ac) + 40 * shape.vocab) * fused
+        + weight_casts
+        + 28 * shard / rv.steps
     ) / hbm
 
     busy = mm_layers + mm_head + attention + recompute + memory_bound + cp_comm + tp_comm + fsdp

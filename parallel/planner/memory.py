@@ -92,6 +92,8 @@ class Workload:
     fp8: bool = False
     """training.fp8: the decoder projections' matmuls at the FP8 rate, plus their cast traffic (cost.py)."""
     fp8_recipe: str = "tensorwise"
+    fp8_bf16_layers: int = 0
+    """training.fp8_bf16_layers: the model's first and last this many layers keep bf16 projections."""
     fp8_all_gather: bool = False
     """FSDP2 all-gathers the FP8-cast projection weights (1 byte per parameter)."""
     fp8_cache_frozen: bool = False
@@ -124,6 +126,7 @@ class Workload:
             lora_targets=targets,
             fp8=t.fp8,
             fp8_recipe=t.fp8_recipe,
+            fp8_bf16_layers=t.fp8_bf16_layers,
             fp8_all_gather=t.fp8
             and t.fp8_recipe == "tensorwise"
             and t.fp8_all_gather
