@@ -21,6 +21,9 @@ the grammar, not memorisation; `demo` reads the shipped configs/demo/corpus.json
 room to spare): the same curves - each run is its own process with the same seed and data - in about half
 the wall time, but their tokens/s then measure a shared GPU, not a speed.
 
+`--between A.json:bf16 B.json:bf16` runs nothing and compares two curves of earlier runs the same way: two
+bf16 runs of the same settings on a GPU part too (nondeterministic kernels), the other scale to read against.
+
 Reported, for x = fp8 and x = control, from the relative difference (loss_x - loss_bf16) / loss_bf16 after
 the warm-up steps: its largest and mean magnitude per step, the same on the curves (the means of
 consecutive 10-step windows; each window's signed value too), the mean per step in the first and the
@@ -195,7 +198,25 @@ def main() -> None:
         help="run the variants at once on the one device (same curves; their tokens/s are then not speeds)",
     )
     ap.add_argument("--out", default=None, help="JSON file for the curves and the summary")
+    ap.add_argument(
+        "--between",
+        nargs=2,
+        metavar="FILE:RUN",
+        help="run nothing: compare two curves of earlier --out files (e.g. the bf16 runs of two commands)",
+    )
     args = ap.parse_args()
+    if args.between:
+        curves = []
+        for spec in args.between:
+            path, _, name = spec.rpartition(":")
+            with open(path, encoding="utf-8") as f:
+                curves.append(json.load(f)["loss"][name])
+        for key, value in compare(*curves, args.warmup).items():
+            print(
+                f"{key}: "
+                + (" ".join(f"{v:+.2%}" for v in value) if isinstance(value, list) else f"{value:.4g}")
+            )
+        return
     work = tempfile.mkdtemp(prefix="fp8_numerics_")
     if args.corpus == "fresh":
         data = fresh_corpus(os.path.join(work, "corpus.jsonl"), args.steps * args.batch * args.seq)

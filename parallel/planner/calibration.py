@@ -50,9 +50,10 @@ class DeviceRates:
     assumptions: list[str] = field(default_factory=list)
 
     def fp8_rate(self, recipe: str = "tensorwise") -> float:
-        """TF/s of the FP8 projections for `recipe` (tensorwise | rowwise)."""
+        """TF/s of the FP8 projections for `recipe` (tensorwise | rowwise | rowwise_with_gw_hp, whose FP8
+        GEMMs are rowwise-scaled; cost.py times its bf16 weight-gradient GEMM at the bf16 rate)."""
         tensorwise = self.fp8_matmul_tflops or 2 * self.matmul_tflops
-        if recipe == "rowwise":
+        if recipe.startswith("rowwise"):
             return self.fp8_rowwise_matmul_tflops or tensorwise
         return tensorwise
 
