@@ -10,7 +10,8 @@ cosine), bf16 compute + compile. Runs: `bf16`; `fp8` (training.fp8, the only cha
 adds `fp8_rowwise`; --variant NAME:fp8=true,fp8_bf16_layers=1 a run with those training keys); `control`
 (bf16 with training.loss_impl=fused: the same maths with other bf16 rounding - how far two runs part when
 only rounding differs, the noise floor FP8 must be read against). seq_len is 8192 (not 64k) so the runs fit
-one device command; the FP8 matmuls are the same GEMM shapes per token at any length, only attention (not FP8) grows.
+one device command; the FP8 matmuls are the same GEMM shapes per token at any length, only attention (not
+FP8) grows.
 
 Data (--corpus): `fresh` (default) generates as many documents of the demo grammar (trainer/data/demo.py,
 another seed than the shipped file) as the run reads, so no document is seen twice and the loss measures

@@ -180,7 +180,7 @@ def test_swap_and_numerics(recipe):
 
 
 @needs_torchao
-def test_bf16_edge_layers(tmp_path):
+def test_bf16_edge_layers():
     """training.fp8_bf16_layers=n: the model's first and last n layers keep nn.Linear projections, on
     whichever pipeline stage they are; n that leaves no layer in FP8 is a config error naming the key."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -125,6 +125,10 @@ def test_recipes_edge_layers_and_weight_casts():
         step_time(shape, one, lora, RATES).memory_bound - step_time(shape, one, cached, RATES).memory_bound
     )
     assert saved == pytest.approx(3 * 5 * p / hbm, rel=1e-9)
+    from parallel.planner import memory_breakdown
+
+    half_cached = dataclasses.replace(cached, fp8_bf16_layers=shape.layers // 4)  # half the layers cached
+    assert memory_breakdown(shape, one, cached).params - memory_breakdown(shape, one, half_cached).params == p
     bf16 = step_time(shape, one, dataclasses.replace(full, fp8=False), RATES)
     half = step_time(shape, one, dataclasses.replace(full, fp8_bf16_layers=shape.layers // 4), RATES)
     assert half.matmul == pytest.approx((bf16.matmul + t_rw.matmul) / 2, rel=1e-9)

@@ -115,11 +115,6 @@ def fp8_weight_cast_bytes(work: Workload, p_mm: float, fp8_layers: float, ac: fl
     return (2 + ac) * 5 * p_mm * fp8_layers * share
 
 
-def fp8_layer_share(work: Workload, layers: int) -> float:
-    """The share of the model's layers whose projections run in FP8 (training.fp8_bf16_layers)."""
-    return max(0, layers - 2 * work.fp8_bf16_layers) / layers
-
-
 def ac_fraction(mode: str, layers: int) -> float:
     """Share of the stage's layers whose forward runs twice."""
     return {"none": 0.0, "full": 1.0, "full_keep_attn": 1.0, "selective": math.ceil(layers / 2) / layers}[
@@ -142,14 +137,13 @@ def step_time(
     # LoRA: frozen base matmuls run forward + input gradient only (4 T P), the adapters all three passes.
     base_passes = 4 if work.lora_rank else 6
     fp8 = work.fp8 and b == 2  # training.fp8: the projections at the FP8 rate, the LM head stays bf16
-    fp8_share = fp8_layer_share(work, shape.layers) if fp8 else 0.0
+    fp8_share = work.fp8_share(shape.layers) if fp8 else 0.0
     fp8_rate = rates.fp8_rate(work.fp8_recipe) * 1e12
     # rowwise_with_gw_hp: the weight gradient's GEMM (2 of the 6 T P; LoRA's base has none) stays bf16.
     hp_passes = 2 if fp8 and work.fp8_recipe == "rowwise_with_gw_hp" and not work.lora_rank else 0
     fp8_passes = (base_passes - hp_passes) / fp8_rate + hp_passes / mm_rate
-    per_param = (
-        fp8_share * fp8_passes + (1 - fp8_share) * base_passes / mm_rate
-    )  # seconds per token and parameter
+    # seconds per token and projection parameter: all passes, and the forward alone (the recompute's)
+    per_param = fp8_share * fp8_passes + (1 - fp8_share) * base_passes / mm_rate
     per_param_fwd = fp8_share * 2 / fp8_rate + (1 - fp8_share) * 2 / mm_rate
     p_adapter = adapter_layer_params(shape, work.lora_rank, work.lora_targets, layout.tp)
     p_mm = shape.layer_matmul_params(layout.tp)

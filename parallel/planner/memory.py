@@ -100,6 +100,10 @@ class Workload:
     """training.fp8_cache_frozen under LoRA: a rank holding whole weights keeps two FP8 copies of each frozen
     projection (2 bytes per parameter)."""
 
+    def fp8_share(self, layers: int) -> float:
+        """The share of a model of `layers` layers whose projections run in FP8 (none without fp8)."""
+        return max(0, layers - 2 * self.fp8_bf16_layers) / layers if self.fp8 else 0.0
+
     @classmethod
     def from_config(cls, cfg: Any) -> Workload:
         """From a trainer Config (read by attribute: parallel/ does not import trainer/)."""
@@ -363,7 +367,8 @@ def memory_breakdown(
         params = b * on_gpu + 4 * trained
         whole = holds_whole_weights(layout.tp, layout.dp * layout.cp, work.fsdp_cpu_offload)
         if work.fp8 and work.fp8_cache_frozen and whole:
-            params += 2 * rv.stage_layers * shape.layer_matmul_params()  # models/fp8_frozen.py
+            cached = rv.stage_layers * work.fp8_share(shape.layers) * shape.layer_matmul_params()
+            params += math.ceil(2 * cached)  # models/fp8_frozen.py: two FP8 copies
         gathered_root = b * p_root  # no unsharded LM-head gradient
         gathered = gathered_root + b * kept * p_layer + (b + 4) * p_adapter
     return MemoryBreakdown(
