@@ -1,6 +1,6 @@
-"""LeanRMSNorm computes HF's RMSNorm exactly (same casts) while keeping only the input and 1/rms per row:
-outputs, input and weight gradients vs the transformers module, for fp32/fp64/bf16 inputs and weights,
-with row chunks smaller than the input so the chunk seams are exercised."""
+"""LeanRMSNorm computes HF's RMSNorm (same casts) while keeping only the input and 1/rms per row: outputs
+bit for bit, input and weight gradients to rounding, vs the transformers module, for fp32/fp64/bf16 inputs
+and weights, with row chunks smaller than the input so the chunk seams are exercised."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from models.norm import LeanRMSNorm
 )
 def test_lean_rmsnorm_matches_hf(monkeypatch, dtype, weight_dtype):
     monkeypatch.setattr(norm_module, "ROWS_PER_CHUNK", 7)
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**30, ())))
+    seed = int(torch.randint(0, 2**30, ()))
+    gen = torch.Generator().manual_seed(seed)
     ref = LlamaRMSNorm(64, eps=1e-5)
     ref.weight.data = (1 + 0.1 * torch.randn(64, generator=gen)).to(weight_dtype)
     lean = LeanRMSNorm(ref)
@@ -37,11 +38,17 @@ def test_lean_rmsnorm_matches_hf(monkeypatch, dtype, weight_dtype):
     ref.weight.grad = None
     y2 = lean(x2)
     y2.backward(dy)
-    assert y2.dtype == y1.dtype and torch.equal(y1, y2)
-    tol = 0 if dtype == torch.bfloat16 and weight_dtype == torch.bfloat16 else 1e-6
+    assert y2.dtype == y1.dtype and torch.equal(y1, y2), seed
     for got, want in ((x2.grad, x1.grad), (ref.weight.grad, w1)):
-        assert got.dtype == want.dtype
-        assert (got - want).abs().max() <= tol * want.abs().max()
+        assert got.dtype == want.dtype, seed
+        if got.dtype == torch.bfloat16:
+            # The backward's fp32 maths is HF autograd's in another order: after the cast to bf16 an
+            # element on a rounding boundary may land one ulp (at most 2^-7 relative) away - few, no further.
+            off = (got.float() - want.float()).abs()
+            assert (off <= 2**-7 * want.float().abs()).all(), (seed, off.max())
+            assert (off > 0).float().mean() < 0.01, (seed, (off > 0).float().mean())
+        else:
+            assert (got - want).abs().max() <= 1e-6 * want.abs().max(), seed
 
 
 def test_lean_norms_keep_parameter_names():
