@@ -159,7 +159,7 @@ class TrainingConfig:
     fp8: bool = False
     """FP8 matmuls (torchao float8 training, dynamic scaling) in the decoder's q/k/v/o and gate/up/down projections; the LM head and embeddings stay bf16. Hopper GPUs or later, parallel.engine=fsdp2, pip install -e .[fp8]."""
     fp8_recipe: str = "tensorwise"
-    """tensorwise (one scale per tensor; allows FP8 all-gather; the faster in full fine-tuning) | rowwise (one scale per row: more accurate; the faster under LoRA, docs/fp8.md) | rowwise_with_gw_hp (rowwise with the weight gradient's GEMM in bf16: torchao's most accurate, 2% slower than tensorwise on the 1B 64k row; LoRA's frozen base has no weight gradient, so there it differs from rowwise only in the input gradient's weight scaling)."""
+    """tensorwise (one scale per tensor; allows FP8 all-gather; the faster in full fine-tuning) | rowwise (one scale per row: more accurate; the faster under LoRA, docs/fp8.md) | rowwise_with_gw_hp (rowwise with the weight gradient's GEMM in bf16: torchao's most accurate, 2% slower than tensorwise on the 1B 64k row; LoRA's frozen base has no weight gradient, so there it runs as fast as rowwise)."""
     fp8_bf16_layers: int = 0
     """With training.fp8: the first and the last this many decoder layers keep bf16 projections (where FP8's error is said to hurt most); 0 = every layer in FP8."""
     fp8_all_gather: bool = True
