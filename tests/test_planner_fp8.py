@@ -125,6 +125,8 @@ def test_recipes_edge_layers_and_weight_casts():
         step_time(shape, one, lora, RATES).memory_bound - step_time(shape, one, cached, RATES).memory_bound
     )
     assert saved == pytest.approx(3 * 5 * p / hbm, rel=1e-9)
+    two = Layout(1, 1, 1, 2, 2, "zigzag")  # FSDP-sharded over cp: the cache is off, every matmul casts
+    assert step_time(shape, two, cached, RATES) == step_time(shape, two, lora, RATES)
     from parallel.planner import memory_breakdown
 
     half_cached = dataclasses.replace(cached, fp8_bf16_layers=shape.layers // 4)  # half the layers cached

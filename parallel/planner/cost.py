@@ -103,15 +103,15 @@ def fp8_cast_bytes(
     return 5 * ins + 5 * outs + (3 * (ins + outs) if grad_weight_fp8 else 0)
 
 
-def fp8_weight_cast_bytes(work: Workload, p_mm: float, fp8_layers: float, ac: float, shards: int) -> float:
+def fp8_weight_cast_bytes(work: Workload, layout: Layout, p_mm: float, fp8_layers: float, ac: float) -> float:
     """Bytes of one forward + backward pass that torchao moves casting the FP8 layers' weights: each
     matmul casts its weight (read twice, written as FP8: 5 bytes per parameter) - the forward, its
-    recompute, the input gradient's - unless training.fp8_cache_frozen cast them once; under FP8
-    all-gather each rank casts only its shard. Not scaled by compile's fusion: 8B LoRA at 32k, compiled,
+    recompute, the input gradient's - unless training.fp8_cache_frozen cast them once (where the layout
+    lets it: `Workload.fp8_cache_on`); under FP8 all-gather each rank casts only its shard. Not scaled by compile's fusion: 8B LoRA at 32k, compiled,
     saved 77 ms a step with the cache where this predicts 72 ms (docs/BENCHMARKS.md, session 8)."""
-    if work.fp8_cache_frozen:
+    if work.fp8_cache_on(layout):
         return 0.0
-    share = 1 / shards if work.fp8_all_gather else 1.0
+    share = 1 / (layout.dp * layout.cp) if work.fp8_all_gather else 1.0
     return (2 + ac) * 5 * p_mm * fp8_layers * share
 
 
@@ -221,7 +221,7 @@ def step_time(
         grad_weight_fp8 = not work.lora_rank and work.fp8_recipe != "rowwise_with_gw_hp"
         cast = fp8_cast_bytes(h, rv.heads, rv.kv_heads, d, shape.intermediate / layout.tp, grad_weight_fp8)
         per_token += fp8_share * cast / 3
-        weight_casts = m * fp8_weight_cast_bytes(work, p_mm, ls * fp8_share, ac, layout.dp * layout.cp)
+        weight_casts = m * fp8_weight_cast_bytes(work, layout, p_mm, ls * fp8_share, ac)
     trained = (
         ls * p_adapter
         if work.lora_rank

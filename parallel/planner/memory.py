@@ -100,6 +100,12 @@ class Workload:
     """training.fp8_cache_frozen under LoRA: a rank holding whole weights keeps two FP8 copies of each frozen
     projection (2 bytes per parameter)."""
 
+    def fp8_cache_on(self, layout: Layout) -> bool:
+        """training.fp8_cache_frozen takes effect on `layout`: its ranks hold whole weights (the rule of
+        models/parallelize.fp8_cache_frozen); elsewhere the base is cast in every matmul."""
+        shards = layout.dp * layout.cp
+        return self.fp8_cache_frozen and holds_whole_weights(layout.tp, shards, self.fsdp_cpu_offload)
+
     def fp8_share(self, layers: int) -> float:
         """The share of a model of `layers` layers whose projections run in FP8 (none without fp8)."""
         return max(0, layers - 2 * self.fp8_bf16_layers) / layers if self.fp8 else 0.0
@@ -365,8 +371,7 @@ def memory_breakdown(
             0 if work.fsdp_cpu_offload else math.ceil(rv.stage_layers * p_adapter / (layout.dp * layout.cp))
         )
         params = b * on_gpu + 4 * trained
-        whole = holds_whole_weights(layout.tp, layout.dp * layout.cp, work.fsdp_cpu_offload)
-        if work.fp8 and work.fp8_cache_frozen and whole:
+        if work.fp8_cache_on(layout):
             cached = rv.stage_layers * work.fp8_share(shape.layers) * shape.layer_matmul_params()
             params += math.ceil(2 * cached)  # models/fp8_frozen.py: two FP8 copies
         gathered_root = b * p_root  # no unsharded LM-head gradient
