@@ -23,7 +23,7 @@ from models.norm import lean_norms
 from models.registry import DTYPES, register_family
 from parallel.ac import checkpointed_layers, keeps_attention
 from parallel.cp.api import apply_cp, groups_for_strategy
-from parallel.dims import ParallelDims, holds_whole_weights, sub_mesh
+from parallel.dims import ParallelDims, fp8_all_gather, holds_whole_weights, sub_mesh
 from parallel.fsdp import apply_fsdp
 from parallel.tp import apply_tp, sequence_shard_fns
 
@@ -84,18 +84,6 @@ def parallelize_llama(stage: CausalLMStage, mesh: DeviceMesh, dims: ParallelDims
         reshard_after_forward=pcfg.reshard_after_forward,
     )
     return stage
-
-
-def fp8_all_gather(cfg) -> bool:
-    """FSDP2 all-gathers FP8 weights: training.fp8 with tensorwise scaling (torchao has no rowwise FP8
-    all-gather) under the fsdp2 engine, unless training.fp8_all_gather is off."""
-    t = cfg.training
-    return (
-        bool(getattr(t, "fp8", False))
-        and t.fp8_recipe == "tensorwise"
-        and t.fp8_all_gather
-        and getattr(cfg.parallel, "engine", "fsdp2") == "fsdp2"
-    )
 
 
 def fp8_cache_frozen(cfg, dims: ParallelDims) -> bool:

@@ -275,6 +275,19 @@ def holds_whole_weights(tp: int, fsdp_shards: int, cpu_offload: bool) -> bool:
     return tp == 1 and fsdp_shards == 1 and not cpu_offload
 
 
+def fp8_all_gather(cfg) -> bool:
+    """FSDP2 all-gathers FP8 weights: training.fp8 with tensorwise scaling (torchao has no rowwise FP8
+    all-gather) under the fsdp2 engine, unless training.fp8_all_gather is off. `cfg`: a trainer Config,
+    read by attribute; the one rule for models/parallelize, the engine and the planner."""
+    t = cfg.training
+    return (
+        bool(getattr(t, "fp8", False))
+        and t.fp8_recipe == "tensorwise"
+        and t.fp8_all_gather
+        and getattr(cfg.parallel, "engine", "fsdp2") == "fsdp2"
+    )
+
+
 def ulysses_degree(strategy: str, cp: int, ulysses: int) -> int:
     """The Ulysses degree of a concrete CP strategy: 1 for ring, cp for ulysses, `ulysses` for hybrid."""
     if strategy == "hybrid":

@@ -27,9 +27,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 
 from models.fp8 import cache_frozen_weights
-from models.parallelize import fp8_all_gather
 from models.registry import DTYPES
-from parallel.dims import ParallelDims, sub_mesh
+from parallel.dims import ParallelDims, fp8_all_gather, sub_mesh
 from parallel.fsdp import fp8_scale_hook
 from parallel.pp import Pipeline
 from trainer.checkpoint import NativeCheckpoint

@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from parallel.cp.ring import BACKWARD_ROWS
-from parallel.dims import holds_whole_weights
+from parallel.dims import fp8_all_gather, holds_whole_weights
 from parallel.planner.enumerate import Layout
 from parallel.planner.lora import adapter_activation_bytes, adapter_layer_params, lora_settings
 from parallel.shape import ModelShape
@@ -137,10 +137,7 @@ class Workload:
             fp8=t.fp8,
             fp8_recipe=t.fp8_recipe,
             fp8_bf16_layers=t.fp8_bf16_layers,
-            fp8_all_gather=t.fp8
-            and t.fp8_recipe == "tensorwise"
-            and t.fp8_all_gather
-            and p.engine == "fsdp2",
+            fp8_all_gather=fp8_all_gather(cfg),
             fp8_cache_frozen=t.fp8 and t.fp8_cache_frozen and rank > 0,
         )
 
