@@ -135,12 +135,14 @@ def step_time(
     ac = ac_fraction(work.activation_checkpointing, ls)
 
     # LoRA: frozen base matmuls run forward + input gradient only (4 T P), the adapters all three passes.
-    base_passes = 4 if work.lora_rank else 6
+    base_weight_grad = not work.lora_rank
+    base_passes = 6 if base_weight_grad else 4
     fp8 = work.fp8 and b == 2  # training.fp8: the projections at the FP8 rate, the LM head stays bf16
     fp8_share = work.fp8_share(shape.layers) if fp8 else 0.0
     fp8_rate = rates.fp8_rate(work.fp8_recipe) * 1e12
-    # rowwise_with_gw_hp: the weight gradient's GEMM (2 of the 6 T P; LoRA's base has none) stays bf16.
-    hp_passes = 2 if fp8 and work.fp8_recipe == "rowwise_with_gw_hp" and not work.lora_rank else 0
+    # rowwise_with_gw_hp: the weight gradient's GEMM (2 of the 6 T P) stays bf16, with no FP8 copies.
+    weight_grad_fp8 = base_weight_grad and work.fp8_recipe != "rowwise_with_gw_hp"
+    hp_passes = 2 if fp8 and base_weight_grad and not weight_grad_fp8 else 0
     fp8_passes = (base_passes - hp_passes) / fp8_rate + hp_passes / mm_rate
     # seconds per token and projection parameter: all passes, and the forward alone (the recompute's)
     per_param = fp8_share * fp8_passes + (1 - fp8_share) * base_passes / mm_rate
@@ -218,8 +220,7 @@ def step_time(
     per_token = 60 * h + 12 * shape.intermediate / layout.tp + 16 * (rv.heads + rv.kv_heads) * d
     weight_casts = 0.0
     if fp8:
-        grad_weight_fp8 = not work.lora_rank and work.fp8_recipe != "rowwise_with_gw_hp"
-        cast = fp8_cast_bytes(h, rv.heads, rv.kv_heads, d, shape.intermediate / layout.tp, grad_weight_fp8)
+        cast = fp8_cast_bytes(h, rv.heads, rv.kv_heads, d, shape.intermediate / layout.tp, weight_grad_fp8)
         per_token += fp8_share * cast / 3
         weight_casts = m * fp8_weight_cast_bytes(work, layout, p_mm, ls * fp8_share, ac)
     trained = (
